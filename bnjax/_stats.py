@@ -1,0 +1,131 @@
+"""Pure array maths of BatchNorm: batch moments and normalization.
+
+No validation happens here (see `_validate.py`); these helpers take arrays and
+keyword-only options and are shared by the core, the training step and the
+deployment helpers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+class Moments(NamedTuple):
+    """Per-feature batch statistics, reduced in float32 at least."""
+
+    mean: Array  # features' shape, float32 (float64 for float64 x)
+    var: Array  # features' shape, biased (divide by n), >= 0
+    count: Array | int  # number of values per feature that counted; an int when static
+
+
+def stats_dtype(dtype: Any) -> Any:
+    """The dtype statistics are reduced in: float32 at least, float64 kept."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def batch_moments(
+    x: Array,
+    reduce_axes: tuple[int, ...],
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Mean and biased variance of `x` over `reduce_axes` (and `axis_name`).
+
+    Numerics: a *shifted* one-pass formulation. With a per-feature shift K taken
+    from the data (the first counted value, held constant for autodiff),
+
+        mean = K + S1 / n,   var = S2 / n - (S1 / n)^2,
+        S1 = sum(x - K),     S2 = sum((x - K)^2),
+
+    S1 and S2 come out of one sweep over `x` (one fused multi-output reduction),
+    and because K is a sample of the data, |mean - K| is of the order of the
+    standard deviation, so the cancellation that ruins the naive
+    `E[x^2] - E[x]^2` for large-mean inputs (e.g. `1e4 + randn` in float32) does
+    not happen: the relative error of `var` is O(eps_f32), not
+    O(eps_f32 * mean^2 / var). Under `axis_name`, K is averaged over the named axis
+    first (a tiny `pmean` of C values), then (S1, S2, n) are summed with one fused
+    `psum`, so unequal shards are exact. Negative round-off is clipped to 0.
+    """
+    dtype = stats_dtype(x.dtype)
+    feature_axes = tuple(a for a in range(x.ndim) if a not in reduce_axes)
+    shift = _shift(x, reduce_axes, mask).astype(dtype)
+    if axis_name is not None:
+        shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+    shift = lax.stop_gradient(shift)
+    shift_b = _expand(shift, x.ndim, feature_axes)
+    d = x.astype(dtype) - shift_b
+    if mask is not None:
+        mask_b = jnp.expand_dims(mask, feature_axes)
+        d = jnp.where(mask_b, d, 0)
+        count = jnp.sum(mask, dtype=jnp.int32)
+    else:
+        count = 1
+        for a in reduce_axes:
+            count *= x.shape[a]
+    s1 = jnp.sum(d, axis=reduce_axes)
+    s2 = jnp.sum(d * d, axis=reduce_axes)
+    if axis_name is not None:
+        s1, s2, count = lax.psum(
+            (s1, s2, jnp.asarray(count, jnp.int32)),
+            axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+    n = jnp.maximum(count, 1).astype(dtype) if not isinstance(count, int) else max(count, 1)
+    d_mean = s1 / n
+    mean = shift + d_mean
+    var = jnp.maximum(s2 / n - d_mean * d_mean, 0)
+    return Moments(mean=mean, var=var, count=count)
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    eps: float,
+    axes: tuple[int, ...],
+) -> Array:
+    """`(x - mean) / sqrt(var + eps) * weight + bias`, in float32 at least, cast to x's dtype."""
+    dtype = stats_dtype(jnp.result_type(x.dtype, mean.dtype, var.dtype))
+    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
+    if weight is not None:
+        scale = scale * weight.astype(dtype)
+    y = (x.astype(dtype) - _expand(mean.astype(dtype), x.ndim, axes)) * _expand(
+        scale, x.ndim, axes
+    )
+    if bias is not None:
+        y = y + _expand(bias.astype(dtype), x.ndim, axes)
+    return y.astype(x.dtype)
+
+
+def _expand(v: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
+    """Reshape a features'-shape array to broadcast against an `ndim` array."""
+    shape = [1] * ndim
+    for a, d in zip(feature_axes, v.shape, strict=True):
+        shape[a] = d
+    return v.reshape(shape)
+
+
+def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
+    """The first counted value of each feature (zeros for an empty batch)."""
+    feature_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in reduce_axes)
+    if any(x.shape[a] == 0 for a in reduce_axes):
+        return jnp.zeros(feature_shape, x.dtype)
+    starts: list[Any] = [0] * x.ndim
+    if mask is not None and mask.size:
+        # Index of the first True of the mask (0 when none is True).
+        first = jnp.argmax(mask.reshape(-1))
+        for a, i in zip(reduce_axes, jnp.unravel_index(first, mask.shape), strict=True):
+            starts[a] = i
+    sizes = [1 if a in reduce_axes else x.shape[a] for a in range(x.ndim)]
+    return lax.dynamic_slice(x, starts, sizes).reshape(feature_shape)

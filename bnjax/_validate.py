@@ -1,0 +1,134 @@
+"""Static (trace-time) checks for `bnjax.apply`.
+
+Every check here looks only at Python values, shapes and dtypes, never at traced
+values, so it raises while tracing, before any computation, and it never changes
+the caller's trees. Each message states the rule and the value that broke it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_train(train: Any) -> bool:
+    """`train` must be a concrete Python bool: it selects a different computation."""
+    if isinstance(train, jax.core.Tracer):
+        raise TypeError(
+            "bnjax.apply: `train` must be a Python bool, but got a traced value "
+            f"({train!r}). `train` selects a different computation (batch vs running "
+            "statistics), so under `jax.jit` mark it static: "
+            "`jax.jit(f, static_argnames='train')`."
+        )
+    if isinstance(train, (bool, np.bool_)):
+        return bool(train)
+    raise TypeError(
+        f"bnjax.apply: `train` must be a Python bool, got {type(train).__name__} {train!r}."
+    )
+
+
+def check_hyperparameters(*, momentum: Any, eps: Any) -> None:
+    """`eps > 0` and `momentum` in [0, 1] (or None), static Python numbers."""
+    if isinstance(eps, jax.core.Tracer) or isinstance(momentum, jax.core.Tracer):
+        raise TypeError(
+            "bnjax.apply: `momentum` and `eps` must be static Python numbers, got a "
+            "traced value; pass them as static arguments under `jax.jit`."
+        )
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"bnjax.apply: `eps` must be a number > 0, got {eps!r}.")
+    if momentum is not None and (
+        not isinstance(momentum, numbers.Real)
+        or isinstance(momentum, bool)
+        or not 0 <= momentum <= 1
+    ):
+        raise ValueError(
+            "bnjax.apply: `momentum` must be a number in [0, 1] (PyTorch's convention: "
+            f"the weight of the new batch) or None (cumulative average), got {momentum!r}. "
+            "Coming from Flax? Its momentum=0.9 is PyTorch's 0.1: use "
+            "`bnjax.momentum_from_flax`."
+        )
+
+
+def check_keys(name: str, tree: Any, expected: Sequence[str]) -> None:
+    """`tree` is `{}` or a mapping with exactly the `expected` keys."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"bnjax.apply: `{name}` must be a dict with keys {sorted(expected)} or {{}}, "
+            f"got {type(tree).__name__}."
+        )
+    if not tree:
+        return
+    keys = set(tree)
+    missing = sorted(set(expected) - keys)
+    extra = sorted(keys - set(expected), key=str)
+    if missing or extra:
+        raise ValueError(
+            f"bnjax.apply: `{name}` must have exactly the keys {list(expected)} (or be "
+            f"{{}}); missing keys: {missing}, unexpected keys: {extra}."
+        )
+
+
+def check_x(x: Any, *, allow_1d: bool) -> jax.Array:
+    """`x` is a floating-point array of rank >= 2 (>= 1 under a named axis)."""
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"bnjax.apply: `x` must be a floating-point array, got dtype {x.dtype} "
+            f"(shape {tuple(x.shape)}); cast it first, e.g. `x.astype(jnp.float32)`."
+        )
+    min_ndim = 1 if allow_1d else 2
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"bnjax.apply: `x` must have at least 2 dimensions (a batch axis and a "
+            f"feature axis), got shape {tuple(x.shape)}."
+        )
+    return x
+
+
+def normalize_axes(axis: int | Iterable[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Canonical, sorted, non-negative feature axes; raises if any is out of range."""
+    ndim = len(shape)
+    raw = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not raw or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in raw):
+        raise ValueError(
+            f"bnjax.apply: `axis` must be an int or a non-empty tuple of ints, got {axis!r}."
+        )
+    bad = [a for a in raw if not -ndim <= a < ndim]
+    if bad:
+        raise ValueError(
+            f"bnjax.apply: axis {axis!r} is out of range for x of shape {tuple(shape)} "
+            f"(ndim {ndim})."
+        )
+    axes = tuple(sorted({int(a) % ndim for a in raw}))
+    if len(axes) != len(raw):
+        raise ValueError(f"bnjax.apply: `axis` {axis!r} names the same axis twice.")
+    if len(axes) == ndim and ndim > 1:
+        raise ValueError(
+            f"bnjax.apply: axis {axis!r} leaves no axis to reduce over for x of shape "
+            f"{tuple(shape)}."
+        )
+    return axes
+
+
+def feature_shape_of(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in axes)
+
+
+def check_mask(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """`mask` is boolean with `x`'s shape less the feature axes."""
+    mask = mask if isinstance(mask, jax.Array) else jnp.asarray(mask)
+    expected = tuple(d for a, d in enumerate(x_shape) if a not in axes)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"bnjax.apply: `mask` must be boolean, got dtype {mask.dtype}.")
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"bnjax.apply: `mask` must have x's shape without the feature axes, "
+            f"{expected} for x of shape {tuple(x_shape)} and feature axes {axes}; got "
+            f"mask of shape {tuple(mask.shape)}."
+        )
+    return mask
