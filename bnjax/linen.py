@@ -1,0 +1,279 @@
+"""`bnjax.linen.BatchNorm`: a `flax.linen` module with PyTorch's BatchNorm numbers.
+
+The module only wires state: parameters live in the `params` collection (`weight`,
+`bias`), running statistics in the `batch_stats` collection (`running_mean`,
+`running_var`, `num_batches_tracked`, PyTorch's `state_dict` names), and every
+number is computed by `bnjax.apply`.
+
+    import bnjax.linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Conv(16, (3, 3))(x)
+            x = bnjax.linen.BatchNorm()(x, train=train)
+            return nn.relu(x)
+
+    variables = Net().init(key, x, train=False)
+    y, updates = Net().apply(variables, x, train=True, mutable=["batch_stats"])
+    y = Net().apply({**variables, **updates}, x, train=False)
+
+This submodule imports `flax`; `import bnjax` alone does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from bnjax import _core
+from bnjax._validate import (
+    check_hyperparameters,
+    check_keys,
+    check_train,
+    feature_shape_of,
+    normalize_axes,
+)
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm(nn.Module):
+    r"""BatchNorm as a `flax.linen` module, with PyTorch's numbers.
+
+    $$y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \text{weight} + \text{bias}$$
+
+    A drop-in for `flax.linen.BatchNorm` with PyTorch's conventions: `momentum` is the
+    weight of the *new* batch (`0.1`, Flax's `0.9`), the running variance is the
+    *unbiased* one, and `train=False` without tracked statistics normalizes with the
+    batch statistics (PyTorch's `track_running_stats=False`). All arithmetic is
+    `bnjax.apply`; see it for the exact update rule.
+
+    Attributes:
+      num_features: the number of features C (or the features' shape for several
+        feature axes); `None` infers it from the input on first use.
+      momentum: PyTorch's momentum, the weight of the new batch; `None` for a
+        cumulative average. `bnjax.momentum_from_flax` converts Flax's.
+      epsilon: added to the variance, > 0.
+      affine: whether to learn a per-feature `weight` and `bias` (`params`).
+      track_running_stats: whether to keep running statistics in `batch_stats`.
+      axis: the feature axis (or a tuple of them): `-1` channels-last, `1` NCHW.
+      axis_name: a named axis (`nn.vmap`, `pmap`, `shard_map`) to synchronize batch
+        statistics over, as PyTorch's `SyncBatchNorm`. Not used while initializing,
+        so `model.init` may run outside the mapped function (as in Flax).
+      axis_index_groups: sub-groups of `axis_name` to synchronize within.
+      use_running_average: Flax-style switch, the opposite of `train`; used only when
+        the call passes neither `train` nor `use_running_average`.
+      dtype: if set, `x` is cast to it first, and the output has it; otherwise the
+        output has `x`'s dtype.
+      param_dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
+      bias_init: initializer of `bias` (zeros).
+
+    Example:
+      >>> bn = bnjax.linen.BatchNorm()
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> variables = bn.init(jax.random.key(0), x, train=False)
+      >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+      >>> updates["batch_stats"]["running_mean"]
+      Array([0.45, 0.55, 0.65], dtype=float32)
+    """
+
+    num_features: int | Sequence[int] | None = None
+    momentum: float | None = 0.1
+    epsilon: float = 1e-5
+    affine: bool = True
+    track_running_stats: bool = True
+    axis: int | Sequence[int] = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_running_average: bool | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    weight_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        train: bool | None = None,
+        *,
+        use_running_average: bool | None = None,
+        mask: jax.typing.ArrayLike | None = None,
+    ) -> Array:
+        """Normalizes `x` per feature and, when training, updates `batch_stats`.
+
+        Args:
+          x: a floating-point array; `axis` names its feature axis.
+          train: a Python bool (static under `jit`): batch statistics and a running
+            statistics update (True), or the running statistics (False).
+          use_running_average: Flax's spelling, `not train`; give one of the two.
+          mask: a boolean array of `x`'s shape without the feature axes; only `True`
+            positions count toward the statistics.
+
+        Returns:
+          The normalized array, `x`'s shape, with `x`'s dtype (or `dtype`).
+
+        Raises:
+          TypeError: `train` is traced or not a bool (mark it static under `jit`).
+          ValueError: feature sizes that disagree with the stored variables,
+            variables with missing or unexpected names (e.g. a `flax.linen.BatchNorm`
+            tree: convert it with `bnjax.flax_interop`), training without a mutable
+            `batch_stats` collection, and every bad input `bnjax.apply` rejects.
+        """
+        train = self._resolve_train(train, use_running_average)
+        check_hyperparameters(momentum=self.momentum, eps=self.epsilon)
+        x = jnp.asarray(x)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        axes = normalize_axes(self.axis, x.shape)
+        features = feature_shape_of(x.shape, axes)
+        if self.num_features is not None:
+            features = _core._feature_shape_from_num_features(self.num_features)
+
+        initializing = self.is_initializing()
+        params = self._collection(
+            "params",
+            _core.PARAM_KEYS if self.affine else (),
+            lambda name, shape: self.param(
+                name,
+                self.weight_init if name == "weight" else self.bias_init,
+                shape,
+                self.param_dtype,
+            ),
+            features,
+        )
+        variables = {}
+        if self.track_running_stats:
+            if train and not initializing and not self.is_mutable_collection("batch_stats"):
+                raise ValueError(
+                    f"bnjax.linen.BatchNorm at '{self._path()}': training updates the running "
+                    "statistics in the 'batch_stats' collection, which is not mutable here. "
+                    "Call `model.apply(variables, x, train=True, mutable=['batch_stats'])`, "
+                    "or use `train=False` for the running statistics."
+                )
+
+            def make_stat(name: str, shape: tuple[int, ...]) -> Array:
+                variables[name] = self.variable(
+                    "batch_stats", name, lambda: _core.init(shape, affine=False)[1][name]
+                )
+                return variables[name].value
+
+            batch_stats = self._collection("batch_stats", _core.STAT_KEYS, make_stat, features)
+        else:
+            batch_stats = self._collection("batch_stats", (), None, features)
+
+        y, new_batch_stats = _core.apply(
+            params,
+            batch_stats,
+            x,
+            train,
+            momentum=self.momentum,
+            eps=self.epsilon,
+            axis=self.axis,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            mask=mask,
+        )
+        # Like Flax (and like constructing a PyTorch module), `init` leaves the
+        # statistics at their initial values. Running statistics are buffers:
+        # no gradient flows into them, as under PyTorch's `no_grad` update.
+        if train and variables and not initializing:
+            for name, var in variables.items():
+                var.value = jax.lax.stop_gradient(new_batch_stats[name])
+        return y
+
+    def _resolve_train(self, train: Any, use_running_average: Any) -> bool:
+        """`train`, else `not use_running_average` (call, then attribute)."""
+        for name, value in (
+            ("use_running_average", use_running_average),
+            ("self.use_running_average", self.use_running_average),
+        ):
+            if isinstance(value, jax.core.Tracer):
+                raise TypeError(
+                    f"bnjax.linen.BatchNorm: `{name}` must be a Python bool, got a traced "
+                    "value; mark it static under `jit` (e.g. `static_argnames`)."
+                )
+        if train is not None:
+            train = check_train(train)  # bnjax.apply's error for a traced or non-bool train
+            if use_running_average is not None and train == bool(use_running_average):
+                raise ValueError(
+                    "bnjax.linen.BatchNorm: got `train` and `use_running_average` that "
+                    f"disagree ({train!r}, {use_running_average!r}); pass only `train`."
+                )
+            return train
+        if use_running_average is not None:
+            return not use_running_average
+        if self.use_running_average is not None:
+            return not self.use_running_average
+        raise ValueError(
+            "bnjax.linen.BatchNorm: pass `train=True` (batch statistics, update the "
+            "running statistics) or `train=False` (running statistics) to the call, e.g. "
+            "`bnjax.linen.BatchNorm()(x, train=train)`."
+        )
+
+    def _collection(
+        self,
+        col: str,
+        names: Sequence[str],
+        create: Callable[[str, tuple[int, ...]], Array] | None,
+        features: tuple[int, ...],
+    ) -> dict[str, Array]:
+        """This module's `col` variables, created when missing and `col` is mutable.
+
+        Variables that already exist keep their stored shape (so a feature-size
+        mismatch reaches `bnjax.apply`'s error naming both sizes), and a collection
+        holding other names (e.g. Flax's `scale`, `mean`, `var`) is rejected.
+        """
+        present = dict(self.variables.get(col, {}))
+        if present and set(present) != set(names):
+            try:
+                check_keys(col, present, names)
+            except ValueError as e:
+                hint = ""
+                if {"scale", "mean", "var"} & set(present):
+                    hint = (
+                        " These are flax.linen.BatchNorm's names: convert the variables "
+                        "with `bnjax.flax_interop.variables_from_flax`."
+                    )
+                elif not names:
+                    hint = (
+                        f" This module has affine={self.affine}, "
+                        f"track_running_stats={self.track_running_stats}."
+                    )
+                raise ValueError(
+                    f"bnjax.linen.BatchNorm at '{self._path()}': the '{col}' collection has "
+                    f"the wrong variables. {e}{hint}"
+                ) from None
+        tree = {}
+        for name in names:
+            if name in present:
+                stored = meta.unbox(present[name])
+                shape = tuple(np.shape(stored))
+            elif self.is_mutable_collection(col) or self.is_initializing():
+                shape = features if name != "num_batches_tracked" else ()
+            else:
+                raise ValueError(
+                    f"bnjax.linen.BatchNorm at '{self._path()}': no '{name}' in the '{col}' "
+                    f"collection (found {sorted(present)}). Pass the variables returned by "
+                    "`model.init`"
+                    + (", including 'batch_stats'." if col == "batch_stats" else ".")
+                )
+            if name == "num_batches_tracked":
+                shape = features  # the creator ignores it; the stored scalar is kept
+            assert create is not None
+            tree[name] = create(name, shape)
+        return tree
+
+    def _path(self) -> str:
+        return "/" + "/".join(str(p) for p in self.scope.path) if self.scope else "?"
