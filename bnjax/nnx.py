@@ -1,0 +1,244 @@
+"""`bnjax.nnx.BatchNorm`: a `flax.nnx` module with PyTorch's BatchNorm numbers.
+
+The module only wires state: `weight` and `bias` are `nnx.Param`s, `running_mean`,
+`running_var` and `num_batches_tracked` are `nnx.BatchStat`s (PyTorch's `state_dict`
+names), and every number is computed by `bnjax.apply`. It starts in training mode,
+as a PyTorch module does; `model.eval()` / `model.train()` switch it (they set
+`use_running_average`, the attribute Flax's own BatchNorm uses).
+
+    import bnjax.nnx
+
+    bn = bnjax.nnx.BatchNorm(16)
+    y = bn(x)            # training: batch statistics, running statistics updated
+    bn.eval()
+    y = bn(x)            # running statistics
+
+State can be taken out and threaded explicitly with `nnx.split` / `nnx.merge`:
+
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+This submodule imports `flax`; `import bnjax` alone does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bnjax import _core
+from bnjax._validate import check_hyperparameters, check_train
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+__all__ = ["BatchNorm"]
+
+_ONES = nnx.initializers.ones
+_ZEROS = nnx.initializers.zeros
+
+
+class BatchNorm(nnx.Module):
+    r"""BatchNorm as a `flax.nnx` module, with PyTorch's numbers.
+
+    $$y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \text{weight} + \text{bias}$$
+
+    PyTorch's conventions: `momentum` is the weight of the *new* batch (`0.1`, Flax's
+    `0.9`), the running variance is the *unbiased* one, and evaluation without
+    tracked statistics normalizes with the batch statistics. All arithmetic is
+    `bnjax.apply`; see it for the exact update rule.
+
+    Args:
+      num_features: the number of features C (or the features' shape, a tuple, for
+        several feature axes).
+      momentum: PyTorch's momentum, the weight of the new batch; `None` for a
+        cumulative average. `bnjax.momentum_from_flax` converts Flax's.
+      epsilon: added to the variance, > 0.
+      affine: whether to learn `weight` and `bias` (`nnx.Param`).
+      track_running_stats: whether to keep running statistics (`nnx.BatchStat`).
+      axis: the feature axis (or a tuple of them): `-1` channels-last, `1` NCHW.
+      axis_name: a named axis (`nnx.vmap`, `nnx.pmap`, `shard_map`) to synchronize
+        batch statistics over, as PyTorch's `SyncBatchNorm`.
+      axis_index_groups: sub-groups of `axis_name` to synchronize within.
+      use_running_average: the mode: `False` (default) trains, `True` evaluates.
+        `model.train()` / `model.eval()` set it on every submodule.
+      dtype: if set, `x` is cast to it first, and the output has it; otherwise the
+        output has `x`'s dtype.
+      param_dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
+      bias_init: initializer of `bias` (zeros).
+      rngs: `nnx.Rngs`, needed only for initializers that use a key.
+
+    Raises:
+      ValueError: bad `num_features`, `momentum` or `epsilon`; a custom initializer
+        without `rngs`.
+
+    Example:
+      >>> bn = bnjax.nnx.BatchNorm(3)
+      >>> y = bn(jnp.arange(12.0).reshape(4, 3))
+      >>> bn.running_mean[...]
+      Array([0.45, 0.55, 0.65], dtype=float32)
+      >>> bn.eval()
+      >>> bn.training
+      False
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        momentum: float | None = 0.1,
+        epsilon: float = 1e-5,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int | Sequence[int] = -1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_running_average: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        weight_init: Initializer = _ONES,
+        bias_init: Initializer = _ZEROS,
+        rngs: nnx.Rngs | None = None,
+    ):
+        check_hyperparameters(momentum=momentum, eps=epsilon)
+        params, batch_stats = _core.init(
+            num_features,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            dtype=param_dtype,
+        )
+        shape = _core._feature_shape_from_num_features(num_features)
+        self.weight: nnx.Param | None = nnx.data(None)
+        self.bias: nnx.Param | None = nnx.data(None)
+        if affine:
+            default = weight_init is _ONES and bias_init is _ZEROS
+            if rngs is None and not default:
+                raise ValueError(
+                    "bnjax.nnx.BatchNorm: a custom `weight_init` / `bias_init` needs a key; "
+                    "pass `rngs=nnx.Rngs(0)`."
+                )
+            if default:
+                weight, bias = params["weight"], params["bias"]
+            else:
+                weight = weight_init(rngs.params(), shape, param_dtype)
+                bias = bias_init(rngs.params(), shape, param_dtype)
+            self.weight = nnx.Param(weight)
+            self.bias = nnx.Param(bias)
+        self.running_mean: nnx.BatchStat | None = nnx.data(None)
+        self.running_var: nnx.BatchStat | None = nnx.data(None)
+        self.num_batches_tracked: nnx.BatchStat | None = nnx.data(None)
+        if track_running_stats:
+            self.running_mean = nnx.BatchStat(batch_stats["running_mean"])
+            self.running_var = nnx.BatchStat(batch_stats["running_var"])
+            self.num_batches_tracked = nnx.BatchStat(batch_stats["num_batches_tracked"])
+
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.axis = axis
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_running_average = use_running_average
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @property
+    def training(self) -> bool:
+        """PyTorch's `module.training`: `not use_running_average`."""
+        return not self.use_running_average
+
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        *,
+        train: bool | None = None,
+        use_running_average: bool | None = None,
+        mask: jax.typing.ArrayLike | None = None,
+    ) -> Array:
+        """Normalizes `x` per feature and, in training mode, updates the statistics.
+
+        Args:
+          x: a floating-point array; `axis` names its feature axis.
+          train: overrides the module's mode for this call (a Python bool).
+          use_running_average: Flax's spelling of the override, `not train`.
+          mask: a boolean array of `x`'s shape without the feature axes; only `True`
+            positions count toward the statistics.
+
+        Returns:
+          The normalized array, `x`'s shape, with `x`'s dtype (or `dtype`).
+
+        Raises:
+          TypeError: a traced or non-bool mode (it selects a different computation).
+          ValueError: every bad input `bnjax.apply` rejects (feature size, shapes).
+        """
+        train = self._resolve_train(train, use_running_average)
+        x = jnp.asarray(x)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        params = {}
+        if self.weight is not None:
+            params = {"weight": self.weight[...], "bias": self.bias[...]}
+        stats = {}
+        if self.running_mean is not None:
+            stats = {
+                "running_mean": self.running_mean[...],
+                "running_var": self.running_var[...],
+                "num_batches_tracked": self.num_batches_tracked[...],
+            }
+        y, new_stats = _core.apply(
+            params,
+            stats,
+            x,
+            train,
+            momentum=self.momentum,
+            eps=self.epsilon,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+        )
+        if train and stats:
+            # Running statistics are buffers: no gradient flows into them (PyTorch
+            # updates them under `no_grad`).
+            self.running_mean[...] = jax.lax.stop_gradient(new_stats["running_mean"])
+            self.running_var[...] = jax.lax.stop_gradient(new_stats["running_var"])
+            self.num_batches_tracked[...] = new_stats["num_batches_tracked"]
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by `nnx.view(model, use_running_average=...)`.
+
+        Args:
+          use_running_average: the mode of the view (`True` evaluates).
+
+        Returns:
+          None; sets the attribute on the view's copy of the module.
+
+        Example:
+          >>> eval_model = nnx.view(model, use_running_average=True)
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def _resolve_train(self, train: Any, use_running_average: Any) -> bool:
+        if train is not None:
+            train = check_train(train)
+            if use_running_average is not None and train == bool(use_running_average):
+                raise ValueError(
+                    "bnjax.nnx.BatchNorm: got `train` and `use_running_average` that "
+                    f"disagree ({train!r}, {use_running_average!r}); pass only `train`."
+                )
+            return train
+        mode = self.use_running_average if use_running_average is None else use_running_average
+        if isinstance(mode, jax.core.Tracer) or not isinstance(mode, bool):
+            raise TypeError(
+                "bnjax.nnx.BatchNorm: `use_running_average` must be a Python bool (set it "
+                f"with `model.train()` / `model.eval()`), got {mode!r}."
+            )
+        return not mode
