@@ -141,8 +141,8 @@ def apply(
       >>> params, batch_stats = bnjax.init(3)
       >>> x = jnp.arange(12.0).reshape(4, 3)
       >>> y, batch_stats = bnjax.apply(params, batch_stats, x, train=True)
-      >>> batch_stats["running_mean"]
-      Array([0.45, 0.55, 0.65], dtype=float32)
+      >>> y.shape, int(batch_stats["num_batches_tracked"])
+      ((4, 3), 1)
     """
     # --- static checks: everything below raises at trace time, before any maths.
     train = check_train(train)
