@@ -1,0 +1,26 @@
+"""The examples in the public docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import jax.numpy as jnp
+import pytest
+
+import bnjax
+
+MODULES = ["bnjax._core", "bnjax._conventions"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(
+        module,
+        extraglobs={"bnjax": bnjax, "jnp": jnp},
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
+    )
+    assert result.attempted > 0, f"{name} has no docstring example"
+    assert result.failed == 0
