@@ -7,6 +7,7 @@ helpers) wires state to these two functions; the maths lives here and in
 
 from __future__ import annotations
 
+import contextvars
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,14 @@ BatchStats = dict[str, Array]
 
 PARAM_KEYS = ("weight", "bias")
 STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+# A trace-time observer of running-statistics updates, set only by `bnjax.training`
+# to learn each BatchNorm's momentum and count (n) inside an opaque loss function.
+# It never changes what `apply` computes. Called as
+# `observer(batch_stats, new_batch_stats, moments, momentum)`; None (the default) is off.
+_UPDATE_OBSERVER: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "bnjax_update_observer", default=None
+)
 
 
 def init(
@@ -193,6 +202,9 @@ def apply(
 
     if train and batch_stats:
         new_batch_stats = _update_running_stats(batch_stats, moments, momentum)
+        observer = _UPDATE_OBSERVER.get()
+        if observer is not None:
+            observer(batch_stats, new_batch_stats, moments, momentum)
     else:
         new_batch_stats = dict(batch_stats)
     return y, new_batch_stats
