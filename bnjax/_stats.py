@@ -58,7 +58,7 @@ def batch_moments(
     feature_axes = tuple(a for a in range(x.ndim) if a not in reduce_axes)
     shift = _shift(x, reduce_axes, mask).astype(dtype)
     if axis_name is not None:
-        shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+        shift = _synced_shift(shift, mask, axis_name, axis_index_groups)
     shift = lax.stop_gradient(shift)
     shift_b = _expand(shift, x.ndim, feature_axes)
     d = x.astype(dtype) - shift_b
@@ -73,16 +73,44 @@ def batch_moments(
     s1 = jnp.sum(d, axis=reduce_axes)
     s2 = jnp.sum(d * d, axis=reduce_axes)
     if axis_name is not None:
-        s1, s2, count = lax.psum(
-            (s1, s2, jnp.asarray(count, jnp.int32)),
-            axis_name,
-            axis_index_groups=axis_index_groups,
+        s1, s2, count = _collective(
+            lax.psum, (s1, s2, jnp.asarray(count, jnp.int32)), axis_name, axis_index_groups
         )
     n = jnp.maximum(count, 1).astype(dtype) if not isinstance(count, int) else max(count, 1)
     d_mean = s1 / n
     mean = shift + d_mean
     var = jnp.maximum(s2 / n - d_mean * d_mean, 0)
     return Moments(mean=mean, var=var, count=count)
+
+
+def _synced_shift(shift: Array, mask: Array | None, axis_name: Any, groups: Any) -> Array:
+    """The shards' shifts averaged over `axis_name`, skipping shards with nothing counted.
+
+    A shard whose mask is all False would otherwise contribute an arbitrary (padding,
+    possibly non-finite) value to the shift.
+    """
+    if mask is None:
+        return _collective(lax.pmean, shift, axis_name, groups)
+    has = jnp.any(mask)
+    total, shards = _collective(
+        lax.psum, (jnp.where(has, shift, 0), has.astype(shift.dtype)), axis_name, groups
+    )
+    return total / jnp.maximum(shards, 1)
+
+
+def _collective(op: Any, value: Any, axis_name: Any, groups: Any) -> Any:
+    """`op(value, axis_name, axis_index_groups=groups)` with a clear error where groups fail."""
+    try:
+        return op(value, axis_name, axis_index_groups=groups)
+    except NotImplementedError as e:
+        if groups is None:
+            raise
+        raise NotImplementedError(
+            f"bnjax: axis_index_groups={groups!r} over axis_name={axis_name!r} is not "
+            "supported here: jax.shard_map has no axis_index_groups (jax.pmap does). Under "
+            "shard_map, give the devices that sync together their own mesh axis, e.g. "
+            "jax.make_mesh((2, 4), ('host', 'dev')), and pass axis_name='dev'."
+        ) from e
 
 
 def normalize(
