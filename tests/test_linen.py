@@ -1,0 +1,371 @@
+"""`bnjax.linen.BatchNorm`: the same numbers as `bnjax.apply`, under Flax's transforms.
+
+Expected values come from the functional core (which tests/test_core.py holds to a
+NumPy float64 reference), from closed forms, or from `flax.linen.BatchNorm` itself
+where the two conventions agree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+import bnjax
+import bnjax.linen as bl
+
+KEY = jax.random.key(0)
+
+
+def _close(a, b, rtol=1e-6, atol=1e-6):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+def _batch(rng, shape, step):
+    return jnp.asarray(rng.normal(size=shape) * (1.0 + 0.5 * step) + 2.0 - step, jnp.float32)
+
+
+# Several configurations: layouts, affine / tracking on and off, cumulative momentum,
+# several feature axes, a mask.
+CONFIGS = [
+    dict(shape=(6, 5, 3), kw=dict()),
+    dict(shape=(4, 3, 5, 2), kw=dict(axis=1, momentum=None, epsilon=1e-3)),
+    dict(shape=(8, 4), kw=dict(affine=False, momentum=0.3)),
+    dict(shape=(8, 4), kw=dict(track_running_stats=False)),
+    dict(shape=(4, 3, 2, 5), kw=dict(axis=(1, 3), num_features=(3, 5))),
+    dict(shape=(5, 6, 3), kw=dict(momentum=0.5), mask=True),
+]
+
+
+def _cfg_id(cfg):
+    return str(cfg["kw"]) + ("+mask" if "mask" in cfg else "")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+def test_module_equals_functional_core(cfg):
+    """3 training steps then 1 eval step: outputs, statistics and gradients == core."""
+    rng = np.random.default_rng(0)
+    kw, shape = cfg["kw"], cfg["shape"]
+    module = bl.BatchNorm(**kw)
+    variables = module.init(KEY, _batch(rng, shape, 0), train=False)
+    axes = kw.get("axis", -1)
+    axes = (axes,) if isinstance(axes, int) else axes
+    features = tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
+    params, stats = bnjax.init(
+        features,
+        affine=kw.get("affine", True),
+        track_running_stats=kw.get("track_running_stats", True),
+    )
+    _close(dict(variables.get("params", {})), params)
+    _close(dict(variables.get("batch_stats", {})), stats)
+    if params:  # non-trivial affine parameters, the same on both sides
+        params = {
+            "weight": jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=features), jnp.float32),
+        }
+    core_kw = dict(
+        momentum=kw.get("momentum", 0.1), eps=kw.get("epsilon", 1e-5), axis=kw.get("axis", -1)
+    )
+    mod_stats = stats
+    for step, train in enumerate([True, True, True, False]):
+        x = _batch(rng, shape, step + 1)
+        g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        mask = None
+        if "mask" in cfg:
+            mask = jnp.asarray(rng.uniform(size=shape[:-1]) < 0.7)
+
+        def module_loss(p, x, s=mod_stats, train=train, mask=mask, g=g):
+            y, upd = module.apply(
+                {"params": p, "batch_stats": s}, x, train=train, mask=mask,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(y * g), (y, dict(upd.get("batch_stats", {})))
+
+        def core_loss(p, x, s=stats, train=train, mask=mask, g=g):
+            y, new = bnjax.apply(p, s, x, train, mask=mask, **core_kw)
+            return jnp.sum(y * g), (y, new)
+
+        (_, (y_m, mod_stats)), grads_m = jax.value_and_grad(module_loss, (0, 1), has_aux=True)(
+            params, x
+        )
+        (_, (y_c, stats)), grads_c = jax.value_and_grad(core_loss, (0, 1), has_aux=True)(
+            params, x
+        )
+        _close(y_m, y_c)
+        _close(mod_stats, stats)
+        _close(grads_m, grads_c)
+    if stats:
+        assert int(mod_stats["num_batches_tracked"]) == 3
+
+
+def test_init_leaves_statistics_untouched_and_infers_num_features():
+    x = _batch(np.random.default_rng(1), (4, 7), 0)
+    variables = bl.BatchNorm().init(KEY, x, train=True)
+    _, stats = bnjax.init(7)
+    _close(dict(variables["batch_stats"]), stats)
+    assert variables["params"]["weight"].shape == (7,)
+
+
+def test_use_running_average_compatibility():
+    """Flax's spelling (attribute or call) selects the same computations as `train`."""
+    rng = np.random.default_rng(2)
+    x = _batch(rng, (6, 3), 1)
+    variables = bl.BatchNorm().init(KEY, x, train=False)
+    y_t, u_t = bl.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    y_a, u_a = bl.BatchNorm(use_running_average=False).apply(
+        variables, x, mutable=["batch_stats"]
+    )
+    y_c, u_c = bl.BatchNorm().apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    _close((y_a, u_a), (y_t, u_t))
+    _close((y_c, u_c), (y_t, u_t))
+    y_eval = bl.BatchNorm(use_running_average=True).apply(variables, x)
+    _close(y_eval, bl.BatchNorm().apply(variables, x, train=False))
+
+
+def test_side_by_side_with_flax_batchnorm():
+    """Momentum converted: same training outputs and means; the running variance
+    differs by n / (n - 1) in every update, in closed form."""
+    rng = np.random.default_rng(3)
+    shape = (4, 5, 3)  # n = 20 values per feature
+    n = 20
+    beta = bnjax.momentum_to_flax(0.1)
+    ours = bl.BatchNorm(momentum=0.1)
+    theirs = nn.BatchNorm(momentum=beta, epsilon=1e-5)
+    x0 = _batch(rng, shape, 0)
+    v_ours = ours.init(KEY, x0, train=False)
+    v_theirs = theirs.init(KEY, x0, use_running_average=True)
+    prev_ours, prev_theirs = v_ours["batch_stats"], v_theirs["batch_stats"]
+    for t in range(1, 4):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)  # centred: Flax's fast var
+        y_ours, upd = ours.apply(v_ours, x, train=True, mutable=["batch_stats"])
+        y_theirs, upd_f = theirs.apply(
+            v_theirs, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        v_ours = {**v_ours, **upd}
+        v_theirs = {**v_theirs, **upd_f}
+        s, f = upd["batch_stats"], upd_f["batch_stats"]
+        _close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+        _close(s["running_mean"], f["mean"], rtol=1e-5, atol=1e-6)
+        # Each update adds (1 - beta) * var_batch, unbiased (ours) or biased (Flax).
+        step_ours = s["running_var"] - beta * prev_ours["running_var"]
+        step_theirs = f["var"] - beta * prev_theirs["var"]
+        _close(step_ours, n / (n - 1) * step_theirs, rtol=1e-5, atol=1e-6)
+        # Closed form from the common start var = 1.
+        _close(s["running_var"], n / (n - 1) * f["var"] + beta**t * (1 - n / (n - 1)), rtol=1e-5)
+        prev_ours, prev_theirs = s, f
+
+
+def test_vmap_axis_name_syncs_statistics_across_the_mapped_axis():
+    """4 shards under nn.vmap with axis_name == one BatchNorm over the full batch."""
+    rng = np.random.default_rng(4)
+    x = _batch(rng, (4, 6, 3), 1)
+    VBN = nn.vmap(
+        bl.BatchNorm,
+        variable_axes={"params": None, "batch_stats": None},
+        split_rngs={"params": False},
+        in_axes=(0, None),
+        axis_name="batch",
+    )
+    module = VBN(axis_name="batch")
+    variables = module.init(KEY, x, False)
+    y, upd = module.apply(variables, x, True, mutable=["batch_stats"])
+    params, stats = bnjax.init(3)
+    y_full, stats_full = bnjax.apply(params, stats, x.reshape(24, 3), True)
+    _close(y.reshape(24, 3), y_full, rtol=1e-5, atol=1e-5)
+    _close(dict(upd["batch_stats"]), stats_full, rtol=1e-5, atol=1e-6)
+    # Without axis_name each shard has its own statistics: they differ.
+    y_local, _ = nn.vmap(
+        bl.BatchNorm,
+        variable_axes={"params": None, "batch_stats": 0},
+        split_rngs={"params": False},
+        in_axes=(0, None),
+    )().apply(
+        {"params": variables["params"],
+         "batch_stats": jax.tree.map(lambda a: jnp.stack([a] * 4), variables["batch_stats"])},
+        x, True, mutable=["batch_stats"],
+    )
+    assert not np.allclose(y_local.reshape(24, 3), y_full, atol=1e-3)
+
+
+class _Block(nn.Module):
+    """BN-relu with a carry, for nn.scan."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.relu(bl.BatchNorm()(x, train=train)), None
+
+
+def test_scan_over_stacked_layers():
+    x = _batch(np.random.default_rng(5), (8, 3), 1)
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            scan = nn.scan(
+                _Block,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                length=3,
+                in_axes=nn.broadcast,
+            )
+            return scan()(x, train)[0]
+
+    variables = Stack().init(KEY, x, False)
+    y, upd = Stack().apply(variables, x, True, mutable=["batch_stats"])
+    (scanned,) = upd["batch_stats"].values()  # the lifted module's auto-name
+    stacked = scanned["BatchNorm_0"]
+    h = x
+    for layer in range(3):
+        p, s = bnjax.init(3)
+        h, s = bnjax.apply(p, s, h, True)
+        h = jax.nn.relu(h)
+        _close(jax.tree.map(lambda a, layer=layer: a[layer], dict(stacked)), s)
+    _close(y, h)
+
+
+@pytest.mark.parametrize("lift", ["remat", "jit"])
+def test_remat_and_jit_lifted_modules(lift):
+    rng = np.random.default_rng(6)
+    x = _batch(rng, (6, 3), 1)
+    g = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    wrap = nn.remat if lift == "remat" else nn.jit
+    module = wrap(bl.BatchNorm, static_argnums=(2,))()
+    variables = module.init(KEY, x, False)
+
+    def loss(p):
+        y, upd = module.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]}, x, True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(y * g), upd["batch_stats"]
+
+    grads, stats = jax.grad(loss, has_aux=True)(variables["params"])
+    params, core_stats = bnjax.init(3)
+    core_grads, core_stats = jax.grad(
+        lambda p: (lambda y, s: (jnp.sum(y * g), s))(*bnjax.apply(p, core_stats, x, True)),
+        has_aux=True,
+    )(params)
+    _close(dict(grads), core_grads)
+    _close(dict(stats), core_stats)
+
+
+def test_train_state_loop_equals_functional_loop():
+    """A TrainState-style jitted loop (Dense -> BN) == the same loop on the core."""
+    rng = np.random.default_rng(7)
+    xs = [_batch(rng, (8, 5), s) for s in range(3)]
+    ts = [jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(3)]
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return bl.BatchNorm()(nn.Dense(4)(x), train=train)
+
+    class TrainState(train_state.TrainState):
+        batch_stats: dict
+
+    model = Net()
+    variables = model.init(KEY, xs[0], train=False)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx,
+        batch_stats=variables["batch_stats"],
+    )
+
+    @jax.jit
+    def step(state, x, t):
+        def loss_fn(p):
+            y, upd = state.apply_fn(
+                {"params": p, "batch_stats": state.batch_stats}, x, train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean((y - t) ** 2), upd["batch_stats"]
+
+        grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads).replace(batch_stats=stats)
+
+    # The same model on the core, from the same initial values.
+    dense = variables["params"]["Dense_0"]
+    params = {"dense": dict(dense), "bn": dict(variables["params"]["BatchNorm_0"])}
+    stats = dict(variables["batch_stats"]["BatchNorm_0"])
+    opt_state = tx.init(params)
+
+    def core_loss(p, s, x, t):
+        y, s = bnjax.apply(p["bn"], s, x @ p["dense"]["kernel"] + p["dense"]["bias"], True)
+        return jnp.mean((y - t) ** 2), s
+
+    for x, t in zip(xs, ts, strict=True):
+        state = step(state, x, t)
+        grads, stats = jax.grad(core_loss, has_aux=True)(params, stats, x, t)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    _close(dict(state.params["Dense_0"]), params["dense"], rtol=1e-5, atol=1e-6)
+    _close(dict(state.params["BatchNorm_0"]), params["bn"], rtol=1e-5, atol=1e-6)
+    _close(dict(state.batch_stats["BatchNorm_0"]), stats, rtol=1e-5, atol=1e-6)
+    assert int(state.batch_stats["BatchNorm_0"]["num_batches_tracked"]) == 3
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x = _batch(np.random.default_rng(8), (6, 3), 1)
+    return x, bl.BatchNorm().init(KEY, x, train=False)
+
+
+def test_training_without_mutable_batch_stats_says_how(trained):
+    x, variables = trained
+    with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+        bl.BatchNorm().apply(variables, x, train=True)
+
+
+def test_missing_batch_stats_collection(trained):
+    x, variables = trained
+    with pytest.raises(ValueError, match="no 'running_mean' in the 'batch_stats' collection"):
+        bl.BatchNorm().apply({"params": variables["params"]}, x, train=False)
+
+
+def test_unknown_variables_in_a_collection_get_the_core_key_error(trained):
+    """E.g. a flax.linen.BatchNorm checkpoint loaded into the bnjax module."""
+    x, variables = trained
+    stats = {**variables["batch_stats"], "mean": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"unexpected keys: \['mean'\].*flax_interop"):
+        bl.BatchNorm().apply({**variables, "batch_stats": stats}, x, train=False)
+    flax_params = {"scale": jnp.ones(3), "bias": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"missing keys: \['weight'\]"):
+        bl.BatchNorm().apply({**variables, "params": flax_params}, x, train=False)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bl.BatchNorm(track_running_stats=False).apply(variables, x, train=False)
+
+
+def test_wrong_feature_size_on_reuse(trained):
+    x, variables = trained
+    with pytest.raises(ValueError, match=r"3 features .* has 4 features"):
+        bl.BatchNorm().apply(variables, jnp.ones((6, 4)), train=False)
+    with pytest.raises(ValueError, match=r"3 features .* has 4 features"):
+        bl.BatchNorm(num_features=3).init(KEY, jnp.ones((6, 4)), train=False)
+
+
+def test_traced_train_is_a_type_error(trained):
+    x, variables = trained
+    f = jax.jit(lambda t: bl.BatchNorm().apply(variables, x, train=t, mutable=True))
+    with pytest.raises(TypeError, match="static"):
+        f(True)
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda u: bl.BatchNorm().apply(variables, x, use_running_average=u))(True)
+
+
+def test_missing_mode_and_bad_hyperparameters(trained):
+    x, variables = trained
+    with pytest.raises(ValueError, match="pass `train=True`"):
+        bl.BatchNorm().apply(variables, x)
+    with pytest.raises(ValueError, match="momentum_from_flax"):
+        bl.BatchNorm(momentum=1.5).apply(variables, x, train=False)
+    with pytest.raises(ValueError, match="disagree"):
+        bl.BatchNorm().apply(variables, x, train=True, use_running_average=True)
