@@ -2,6 +2,8 @@
 
 - Folding: `bn_scale_shift`, `fold_into_kernel`, `fold_batchnorms` turn an eval-mode
   BatchNorm into a per-channel multiply-add and fold it into the preceding layer.
+- Precise BN: `update_bn` (PyTorch's `torch.optim.swa_utils.update_bn`, equal weight
+  per batch) and `precise_bn` (exact statistics pooled over all elements).
 
 See `docs/deployment.md`.
 """
@@ -9,9 +11,13 @@ See `docs/deployment.md`.
 from bnjax._fold import bn_scale_shift as bn_scale_shift
 from bnjax._fold import fold_batchnorms as fold_batchnorms
 from bnjax._fold import fold_into_kernel as fold_into_kernel
+from bnjax._precise_bn import precise_bn as precise_bn
+from bnjax._precise_bn import update_bn as update_bn
 
 __all__ = [
     "bn_scale_shift",
     "fold_batchnorms",
     "fold_into_kernel",
+    "precise_bn",
+    "update_bn",
 ]
