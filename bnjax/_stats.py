@@ -149,6 +149,8 @@ def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
     feature_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in reduce_axes)
     if any(x.shape[a] == 0 for a in reduce_axes):
         return jnp.zeros(feature_shape, x.dtype)
+    if _sharded_explicitly(x, reduce_axes):
+        return _shift_by_reduction(x, reduce_axes, mask)
     starts: list[Any] = [0] * x.ndim
     if mask is not None and mask.size:
         # Index of the first True of the mask (0 when none is True).
@@ -157,3 +159,31 @@ def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
             starts[a] = i
     sizes = [1 if a in reduce_axes else x.shape[a] for a in range(x.ndim)]
     return lax.dynamic_slice(x, starts, sizes).reshape(feature_shape)
+
+
+def _sharded_explicitly(x: Array, reduce_axes: tuple[int, ...]) -> bool:
+    """Whether a reduced axis of `x` is sharded over an `Explicit` mesh axis.
+
+    `jax.make_mesh` makes Explicit axes by default, and under them slicing one value
+    out of a sharded axis is a type error, so the shift is picked by a reduction.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and any(a < len(spec) and spec[a] is not None for a in reduce_axes)
+
+
+def _shift_by_reduction(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
+    """`_shift` as a one-hot sum: partitions locally, then all-reduces C values."""
+    shape = tuple(x.shape[a] for a in reduce_axes)
+    flat = jnp.zeros(shape, jnp.int32)  # row-major index over the reduced axes
+    stride = 1
+    for i in reversed(range(len(shape))):
+        flat = flat + lax.broadcasted_iota(jnp.int32, shape, i) * stride
+        stride *= shape[i]
+    if mask is None:
+        is_first = flat == 0
+    else:
+        first = jnp.min(jnp.where(mask, flat, jnp.iinfo(jnp.int32).max))
+        is_first = flat == first  # all False when nothing is counted: shift 0
+    feature_axes = tuple(a for a in range(x.ndim) if a not in reduce_axes)
+    is_first = jnp.expand_dims(is_first, feature_axes)
+    return jnp.sum(jnp.where(is_first, x, jnp.zeros((), x.dtype)), axis=reduce_axes)
