@@ -4,10 +4,15 @@
   BatchNorm into a per-channel multiply-add and fold it into the preceding layer.
 - Precise BN: `update_bn` (PyTorch's `torch.optim.swa_utils.update_bn`, equal weight
   per batch) and `precise_bn` (exact statistics pooled over all elements).
+- The eval trap: `check_batch_independence` checks that eval-mode outputs of each
+  example do not depend on its batch-mates or the batch size.
 
 See `docs/deployment.md`.
 """
 
+from bnjax._eval_check import EvalCheckReport as EvalCheckReport
+from bnjax._eval_check import EvalTrapError as EvalTrapError
+from bnjax._eval_check import check_batch_independence as check_batch_independence
 from bnjax._fold import bn_scale_shift as bn_scale_shift
 from bnjax._fold import fold_batchnorms as fold_batchnorms
 from bnjax._fold import fold_into_kernel as fold_into_kernel
@@ -15,7 +20,10 @@ from bnjax._precise_bn import precise_bn as precise_bn
 from bnjax._precise_bn import update_bn as update_bn
 
 __all__ = [
+    "EvalCheckReport",
+    "EvalTrapError",
     "bn_scale_shift",
+    "check_batch_independence",
     "fold_batchnorms",
     "fold_into_kernel",
     "precise_bn",

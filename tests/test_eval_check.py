@@ -1,0 +1,97 @@
+"""The eval-trap check: eval outputs must not depend on batch composition or size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+from bnjax.deploy import EvalTrapError, check_batch_independence
+
+
+def _cnn_init():
+    rng = np.random.default_rng(0)
+    p1, s1 = bnjax.init(4)
+    p2, s2 = bnjax.init(3)
+    # Running statistics that are not the batch's, as after training.
+    s1 = dict(s1, running_mean=jnp.full(4, 0.3), running_var=jnp.full(4, 2.0))
+    params = {
+        "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+        "bn1": p1,
+        "dense": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "bn2": p2,
+    }
+    return params, {"bn1": s1, "bn2": s2}
+
+
+def _cnn(variables, x, *, train_bn1, train_bn2):
+    """Returns the outputs of both BatchNorms, so the check can name the layer."""
+    params, stats = variables
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h1, _ = bnjax.apply(params["bn1"], stats["bn1"], h, train_bn1)
+    h = jax.nn.relu(h1).mean(axis=(1, 2)) @ params["dense"]
+    h2, _ = bnjax.apply(params["bn2"], stats["bn2"], h, train_bn2)
+    return {"bn1_out": h1, "logits": h2}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5, 5, 2)), jnp.float32)
+    return _cnn_init(), x
+
+
+def test_passes_in_eval_mode(setup):
+    variables, x = setup
+    report = check_batch_independence(
+        lambda v, b: _cnn(v, b, train_bn1=False, train_bn2=False), variables, x
+    )
+    assert report.ok and report.failures == ()
+    assert report.max_abs_diff < 1e-5
+
+
+def test_fires_in_train_mode_and_names_the_layer(setup):
+    variables, x = setup
+
+    def forgot_train_false(v, b):
+        return _cnn(v, b, train_bn1=True, train_bn2=False)
+
+    with pytest.raises(EvalTrapError, match=r"train=False") as info:
+        check_batch_independence(forgot_train_false, variables, x)
+    message = str(info.value)
+    # Reversing keeps the batch's statistics, so it is the one regrouping that passes.
+    assert "reversed:" not in message
+    for regrouping in ("singles", "split", "recomposed", "enlarged"):
+        assert f"{regrouping}: output ['bn1_out']" in message
+    report = check_batch_independence(forgot_train_false, variables, x, raise_on_failure=False)
+    assert not report.ok and report.max_abs_diff > 1e-2
+    # bn1 is the layer that differs first; the logits inherit it.
+    assert any("['bn1_out']" in f for f in report.failures)
+    assert any("['logits']" in f for f in report.failures)
+
+
+def test_a_dense_batchnorm_in_train_mode_fails_on_single_examples(setup):
+    variables, x = setup
+    report = check_batch_independence(
+        lambda v, b: _cnn(v, b, train_bn1=False, train_bn2=True)["logits"],
+        variables, x, raise_on_failure=False,
+    )  # fmt: skip
+    # One value per channel: bnjax.apply refuses a single example in training mode.
+    assert report.failures[0].startswith("singles: apply_fn raised ValueError")
+    assert any(f.startswith("reversed: output <root>") for f in report.failures) is False
+    assert any(f.startswith("split: output <root>") for f in report.failures)
+
+
+def test_bad_batches_are_rejected(setup):
+    variables, x = setup
+
+    def fn(v, b):
+        return _cnn(v, b, train_bn1=False, train_bn2=False)
+
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        check_batch_independence(fn, variables, x[:1])
+    with pytest.raises(ValueError, match="same leading batch size"):
+        check_batch_independence(lambda v, b: fn(v, b[0]), variables, (x, x[:3]))
