@@ -1,0 +1,222 @@
+"""`bnjax.nnx.BatchNorm`: the same numbers as `bnjax.apply`, with nnx's state handling.
+
+Expected values come from the functional core (held to a NumPy float64 reference by
+tests/test_core.py), from closed forms, or from `flax.nnx.BatchNorm` where the two
+conventions agree.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bnjax
+import bnjax.nnx as bx
+
+
+def _close(a, b, rtol=1e-6, atol=1e-6):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+def _batch(rng, shape, step):
+    return jnp.asarray(rng.normal(size=shape) * (1.0 + 0.5 * step) + 2.0 - step, jnp.float32)
+
+
+def _stats(bn):
+    if bn.running_mean is None:
+        return {}
+    return {
+        "running_mean": bn.running_mean[...],
+        "running_var": bn.running_var[...],
+        "num_batches_tracked": bn.num_batches_tracked[...],
+    }
+
+
+CONFIGS = [
+    dict(shape=(6, 5, 3), features=3, kw=dict()),
+    dict(shape=(4, 3, 5, 2), features=3, kw=dict(axis=1, momentum=None, epsilon=1e-3)),
+    dict(shape=(8, 4), features=4, kw=dict(affine=False, momentum=0.3)),
+    dict(shape=(8, 4), features=4, kw=dict(track_running_stats=False)),
+    dict(shape=(4, 3, 2, 5), features=(3, 5), kw=dict(axis=(1, 3))),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: str(c["kw"]))
+def test_module_equals_functional_core(cfg):
+    """3 training steps, then eval(): outputs, statistics and gradients == core."""
+    rng = np.random.default_rng(0)
+    kw, shape, features = cfg["kw"], cfg["shape"], cfg["features"]
+    bn = bx.BatchNorm(features, **kw)
+    params, stats = bnjax.init(
+        features,
+        affine=kw.get("affine", True),
+        track_running_stats=kw.get("track_running_stats", True),
+    )
+    _close(_stats(bn), stats)
+    if params:
+        params = {
+            "weight": jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=features), jnp.float32),
+        }
+        bn.weight[...] = params["weight"]
+        bn.bias[...] = params["bias"]
+    core_kw = dict(
+        momentum=kw.get("momentum", 0.1), eps=kw.get("epsilon", 1e-5), axis=kw.get("axis", -1)
+    )
+    for step, train in enumerate([True, True, True, False]):
+        if not train:
+            bn.eval()
+        assert bn.training is train
+        x = _batch(rng, shape, step + 1)
+        g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+        def module_loss(bn, x, g=g):
+            y = bn(x)
+            return jnp.sum(y * g), y
+
+        def core_loss(p, x, s=stats, train=train, g=g):
+            y, new = bnjax.apply(p, s, x, train, **core_kw)
+            return jnp.sum(y * g), (y, new)
+
+        (grads_m, dx_m), y_m = nnx.grad(module_loss, argnums=(0, 1), has_aux=True)(bn, x)
+        (grads_c, dx_c), (y_c, stats) = jax.grad(core_loss, (0, 1), has_aux=True)(params, x)
+        _close(y_m, y_c)
+        _close(_stats(bn), stats)
+        _close(dx_m, dx_c)
+        if params:
+            _close({"weight": grads_m["weight"][...], "bias": grads_m["bias"][...]}, grads_c)
+    if stats:
+        assert int(bn.num_batches_tracked[...]) == 3
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(5, 4, rngs=rngs)
+        self.bn = bx.BatchNorm(4)
+
+    def __call__(self, x):
+        return self.bn(self.linear(x))
+
+
+def test_train_eval_switching_and_view():
+    """Starts in training mode like PyTorch; train()/eval()/nnx.view switch it."""
+    net = _Net(nnx.Rngs(0))
+    assert net.bn.training and not net.bn.use_running_average
+    net.eval()
+    assert not net.bn.training
+    x = _batch(np.random.default_rng(1), (6, 5), 1)
+    before = _stats(net.bn)
+    net(x)
+    _close(_stats(net.bn), before)  # eval: statistics untouched
+    net.train()
+    net(x)
+    assert int(net.bn.num_batches_tracked[...]) == 1
+    view = nnx.view(net, use_running_average=True)
+    assert not view.bn.training and net.bn.training
+    # A call-time override, either spelling.
+    y_eval = net.bn(x[:, :4], train=False)
+    _close(net.bn(x[:, :4], use_running_average=True), y_eval)
+    assert int(net.bn.num_batches_tracked[...]) == 1
+
+
+def test_jit_grad_step_and_split_merge_equal_the_core():
+    """nnx.jit + nnx.grad updates statistics in place; split/merge threads them
+    explicitly; both equal the functional core."""
+    rng = np.random.default_rng(2)
+    xs = [_batch(rng, (8, 5), s) for s in range(3)]
+    net = _Net(nnx.Rngs(0))
+    # A copy: split shares its Variables with `net`, which grad_step updates in place.
+    graphdef, params0, stats0 = nnx.split(nnx.clone(net), nnx.Param, nnx.BatchStat)
+
+    @nnx.jit
+    def grad_step(net, x):
+        return nnx.grad(lambda net: jnp.sum(net(x) ** 2))(net)
+
+    @jax.jit
+    def pure_step(params, stats, x):
+        def loss(params):
+            net = nnx.merge(graphdef, params, stats, copy=True)
+            y = net(x)
+            return jnp.sum(y**2), nnx.state(net, nnx.BatchStat)
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    lin = {"kernel": params0["linear"]["kernel"][...], "bias": params0["linear"]["bias"][...]}
+    bn_params, core_stats = bnjax.init(4)
+
+    def core_loss(lin, bn_params, s, x):
+        y, s = bnjax.apply(bn_params, s, x @ lin["kernel"] + lin["bias"], True)
+        return jnp.sum(y**2), s
+
+    stats = stats0
+    for x in xs:
+        grads = grad_step(net, x)
+        pure_grads, stats = pure_step(params0, stats, x)
+        (g_lin, g_bn), core_stats = jax.grad(core_loss, (0, 1), has_aux=True)(
+            lin, bn_params, core_stats, x
+        )
+        _close(_stats(net.bn), core_stats, rtol=1e-5)
+        _close({k: v[...] for k, v in stats["bn"].items()}, core_stats, rtol=1e-5)
+        for g in (grads, pure_grads):
+            _close({k: g["linear"][k][...] for k in lin}, g_lin, rtol=1e-5, atol=1e-5)
+            _close({k: g["bn"][k][...] for k in g_bn}, g_bn, rtol=1e-5, atol=1e-5)
+    assert int(net.bn.num_batches_tracked[...]) == 3
+
+
+def test_side_by_side_with_flax_nnx_batchnorm():
+    """Momentum converted: same training outputs and means; the running variance of
+    every update differs by n / (n - 1), in closed form."""
+    rng = np.random.default_rng(3)
+    n, beta = 16, bnjax.momentum_to_flax(0.1)
+    ours = bx.BatchNorm(3, momentum=0.1)
+    theirs = nnx.BatchNorm(3, momentum=beta, epsilon=1e-5, rngs=nnx.Rngs(0))
+    for t in range(1, 4):
+        x = jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)
+        _close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        _close(ours.running_mean[...], theirs.mean[...], rtol=1e-5, atol=1e-6)
+        expected = n / (n - 1) * theirs.var[...] + beta**t * (1 - n / (n - 1))
+        _close(ours.running_var[...], expected, rtol=1e-5)
+
+
+def test_vmap_axis_name_syncs_statistics():
+    """nnx.vmap over 4 shards with axis_name == one BatchNorm over the full batch."""
+    x = _batch(np.random.default_rng(4), (4, 6, 3), 1)
+    bn = bx.BatchNorm(3, axis_name="batch")
+    y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(bn, x)
+    params, stats = bnjax.init(3)
+    y_full, stats_full = bnjax.apply(params, stats, x.reshape(24, 3), True)
+    _close(y.reshape(24, 3), y_full, rtol=1e-5, atol=1e-5)
+    _close(_stats(bn), stats_full, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_wrong_feature_size():
+    with pytest.raises(ValueError, match=r"3 features .* has 4 features"):
+        bx.BatchNorm(3)(jnp.ones((5, 4)))
+
+
+def test_traced_mode_is_a_type_error():
+    bn = bx.BatchNorm(3)
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda t: bn(jnp.ones((5, 3)), train=t))(True)
+    bn.use_running_average = "yes"
+    with pytest.raises(TypeError, match=r"model\.eval\(\)"):
+        bn(jnp.ones((5, 3)))
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="momentum_from_flax"):
+        bx.BatchNorm(3, momentum=0.99 + 1)
+    with pytest.raises(ValueError, match="eps"):
+        bx.BatchNorm(3, epsilon=0.0)
+    with pytest.raises(ValueError, match="num_features"):
+        bx.BatchNorm(0)
+    with pytest.raises(ValueError, match="rngs"):
+        bx.BatchNorm(3, weight_init=nnx.initializers.normal())
+    bn = bx.BatchNorm(3, weight_init=nnx.initializers.normal(), rngs=nnx.Rngs(0))
+    assert bn.weight[...].shape == (3,)
