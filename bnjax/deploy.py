@@ -6,10 +6,16 @@
   per batch) and `precise_bn` (exact statistics pooled over all elements).
 - The eval trap: `check_batch_independence` checks that eval-mode outputs of each
   example do not depend on its batch-mates or the batch size.
+- Checkpoints: `save_checkpoint` / `restore_checkpoint` store a training state
+  (params, batch_stats, opt_state, step) losslessly in one file; a corrupted or
+  mismatched file raises `CheckpointError`.
 
 See `docs/deployment.md`.
 """
 
+from bnjax._checkpoint import CheckpointError as CheckpointError
+from bnjax._checkpoint import restore_checkpoint as restore_checkpoint
+from bnjax._checkpoint import save_checkpoint as save_checkpoint
 from bnjax._eval_check import EvalCheckReport as EvalCheckReport
 from bnjax._eval_check import EvalTrapError as EvalTrapError
 from bnjax._eval_check import check_batch_independence as check_batch_independence
@@ -20,6 +26,7 @@ from bnjax._precise_bn import precise_bn as precise_bn
 from bnjax._precise_bn import update_bn as update_bn
 
 __all__ = [
+    "CheckpointError",
     "EvalCheckReport",
     "EvalTrapError",
     "bn_scale_shift",
@@ -27,5 +34,7 @@ __all__ = [
     "fold_batchnorms",
     "fold_into_kernel",
     "precise_bn",
+    "restore_checkpoint",
+    "save_checkpoint",
     "update_bn",
 ]
