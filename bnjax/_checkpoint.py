@@ -120,6 +120,8 @@ def restore_checkpoint(path: str | os.PathLike[str], target: Any) -> Any:
         unexpected and mismatched paths).
 
     Example:
+      >>> state = {"params": {"w": jnp.ones(3)}, "step": 7}
+      >>> _ = save_checkpoint("/tmp/ckpt.msgpack", state, overwrite=True)
       >>> target = {"params": {"w": jnp.zeros(3)}, "step": 0}
       >>> state = restore_checkpoint("/tmp/ckpt.msgpack", target)
       >>> state["step"]
