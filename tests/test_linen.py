@@ -7,6 +7,8 @@ where the two conventions agree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -369,3 +371,113 @@ def test_missing_mode_and_bad_hyperparameters(trained):
         bl.BatchNorm(momentum=1.5).apply(variables, x, train=False)
     with pytest.raises(ValueError, match="disagree"):
         bl.BatchNorm().apply(variables, x, train=True, use_running_average=True)
+
+
+# --------------------------------------------------------------------------- PyTorch fixtures
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_HI = jax.lax.Precision.HIGHEST
+
+
+class _SmallNet(nn.Module):
+    """PyTorch's SmallNet (scripts/export_torch_fixtures.py), channels-last, in Flax."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, c in ((1, 4), (2, 8)):
+            x = nn.Conv(c, (3, 3), padding=1, precision=_HI, name=f"conv{i}")(x)
+            x = nn.relu(bl.BatchNorm(name=f"bn{i}")(x, train=train))
+        return nn.Dense(10, precision=_HI, name="fc")(x.mean(axis=(1, 2)))
+
+
+def _load_fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"PyTorch fixture {path} not found (scripts/export_torch_fixtures.py)")
+    return dict(np.load(path))
+
+
+def _torch_to_flax(f, prefix, index=None, *, stats=True):
+    """SmallNet's state_dict entries `prefix/<key>` (step `index` of stacked ones) ->
+    `(params, batch_stats)` for `_SmallNet`: OIHW -> HWIO, (out, in) -> (in, out)."""
+
+    def get(key):
+        a = f[f"{prefix}/{key}"]
+        return jnp.asarray(a if index is None else a[index])
+
+    params = {
+        f"conv{i}": {
+            "kernel": get(f"conv{i}.weight").transpose(2, 3, 1, 0),
+            "bias": get(f"conv{i}.bias"),
+        }
+        for i in (1, 2)
+    }
+    params["fc"] = {"kernel": get("fc.weight").T, "bias": get("fc.bias")}
+    batch_stats = {}
+    for i in (1, 2):
+        if f"{prefix}/bn{i}.weight" in f:
+            params[f"bn{i}"] = {k: get(f"bn{i}.{k}") for k in ("weight", "bias")}
+        if stats:
+            batch_stats[f"bn{i}"] = {
+                "running_mean": get(f"bn{i}.running_mean"),
+                "running_var": get(f"bn{i}.running_var"),
+                "num_batches_tracked": get(f"bn{i}.num_batches_tracked").astype(jnp.int32),
+            }
+    return params, batch_stats
+
+
+def _loss(model, params, stats, x, y, train):
+    logits, upd = model.apply(
+        {"params": params, "batch_stats": stats}, x, train=train, mutable=["batch_stats"]
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (logits, upd["batch_stats"])
+
+
+def test_small_net_reproduces_pytorch_training_fixture():
+    """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
+    mode: logits and running statistics after every micro-batch, accumulated
+    gradients and parameters after every step, all as PyTorch computed them."""
+    f = _load_fixture("c_accumulation.npz")
+    model = _SmallNet()
+    params, stats = _torch_to_flax(f, "sd_init")
+    x = jnp.transpose(jnp.asarray(f["x"]), (0, 2, 3, 1))
+    y = jnp.asarray(f["y"], jnp.int32)
+    grad_fn = jax.jit(
+        jax.grad(lambda p, s, x, y: _loss(model, p, s, x, y, True), has_aux=True)
+    )
+    tx = optax.sgd(0.1, momentum=0.9)  # torch SGD: buf = 0.9 buf + g; p -= 0.1 buf
+    opt_state = tx.init(params)
+    for step in range(3):
+        acc = jax.tree.map(jnp.zeros_like, params)
+        for micro in range(4):
+            k = step * 4 + micro
+            rows = slice(8 * k, 8 * k + 8)
+            grads, (logits, stats) = grad_fn(params, stats, x[rows], y[rows])
+            acc = jax.tree.map(lambda a, g: a + g / 4, acc, grads)
+            _close(logits, f["logits"][k], rtol=1e-4, atol=1e-5)
+            _, want_stats = _torch_to_flax(f, "sd_micro", k)
+            _close(dict(stats), want_stats, rtol=1e-5, atol=1e-6)
+        want_grads, _ = _torch_to_flax(f, "grad_step", step, stats=False)
+        _close(acc, want_grads, rtol=1e-4, atol=1e-5)
+        updates, opt_state = tx.update(acc, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        want_params, _ = _torch_to_flax(f, "sd_step", step)
+        _close(params, want_params, rtol=1e-4, atol=1e-5)
+
+
+def test_small_net_reproduces_pytorch_frozen_bn_fixture():
+    """Scenario d: BN in eval mode (running statistics of a pretrained net): logits
+    and the gradients of the convolutions and the classifier, as PyTorch's."""
+    f = _load_fixture("d_frozen_bn.npz")
+    model = _SmallNet()
+    params, stats = _torch_to_flax(f, "sd_init")
+    x = jnp.transpose(jnp.asarray(f["x"][:16]), (0, 2, 3, 1))
+    y = jnp.asarray(f["y"][:16], jnp.int32)
+    grads, (logits, new_stats) = jax.grad(
+        lambda p: _loss(model, p, stats, x, y, False), has_aux=True
+    )(params)
+    _close(logits, f["logits"][0], rtol=1e-4, atol=1e-5)
+    _close(dict(new_stats), stats, 0, 0)
+    want, _ = _torch_to_flax(f, "grad_step", 0, stats=False)
+    _close({k: grads[k] for k in want}, want, rtol=1e-4, atol=1e-5)
