@@ -1,0 +1,425 @@
+"""bnjax against real PyTorch runs: the committed fixtures in `tests/fixtures/*.npz`.
+
+The fixtures are written by `scripts/export_torch_fixtures.py` (torch==2.13.0, CPU);
+these tests need no torch. Each scenario is reproduced with `bnjax.apply` (scenarios a,
+b, e) or with the JAX port of the fixture's net in `small_net.py` and
+`bnjax.interop` (scenarios c, d), and compared with `chex.assert_trees_all_close`.
+Run with `-s` to print the largest absolute difference seen per scenario.
+
+Tolerances (float32; eps_f32 = 2**-23 ~ 1.2e-7). The -s output prints, per scenario,
+the largest absolute difference and the largest share of the tolerance used.
+- Outputs, input gradients, running statistics (a, b, e's float32 parts): torch and
+  bnjax sum the batch in different orders and bnjax uses a shifted one-pass variance
+  where torch uses Welford, so mean and var differ by a few ulps of the data. The
+  inputs have |mean| / std up to ~20 on purpose, so `x - mean` loses ~4 bits and
+  y = (x - mean) * rsqrt(var + eps) * w + b differs by up to ~2e-6 for O(1) values
+  (measured); the running statistics compound that over 5 steps. rtol = atol = 1e-5
+  (~80 ulps) keeps a ~5x margin over what is measured while still catching any wrong
+  formula (biased-vs-unbiased var is ~1e-1 here, a wrong momentum ~1e-2).
+- dweight and dbias are sums over the n <= 50 values of a feature with cancellation
+  (sum g * xhat), so their absolute error scales with sum |g * xhat| ~ n, not with
+  the (sometimes ~1e-2) result: atol = 5e-5, rtol = 1e-5 (measured up to ~5e-6).
+- The small net (c, d): convolutions, a matmul and SGD with momentum over 3-4 steps;
+  measured differences are ~2e-7, so the float32 tolerance 1e-5 applies as is.
+- bfloat16 (e): y and dx are rounded to bfloat16 (8 significant bits, ulp = 2**-7
+  relative to the leading power of two) by both frameworks from float32 intermediates
+  that differ in the last bits, so a value may round one bf16 ulp apart:
+  rtol = atol = 2**-7 ~ 7.8e-3 for the bf16 outputs (one ulp is 2**-7 |y| at most).
+  dweight/dbias and the running statistics are float32 in both and keep the float32
+  tolerances.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import small_net
+
+import bnjax
+from bnjax import interop
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPORTER = Path(__file__).parent.parent / "scripts" / "export_torch_fixtures.py"
+F32 = {"rtol": 1e-5, "atol": 1e-5}
+F32_PARAM_GRADS = {"rtol": 1e-5, "atol": 5e-5}
+BF16 = {"rtol": 2.0**-7, "atol": 2.0**-7}
+
+MAX_DIFF: dict[str, float] = {}  # scenario -> largest |actual - expected|
+TOL_USED: dict[
+    str, float
+] = {}  # scenario -> largest |actual - expected| / (atol + rtol |expected|)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _load(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    with np.load(FIXTURES / name) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("__meta__")))
+    return meta, arrays
+
+
+def _sub(arrays: dict[str, np.ndarray], prefix: str, index: int | None = None) -> dict:
+    """{prefix/k: a} -> {k: a[index]} (a flat torch state_dict, or per-step arrays)."""
+    n = len(prefix) + 1
+    out = {k[n:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
+    return out if index is None else {k: v[index] for k, v in out.items()}
+
+
+def _close(scenario: str, actual, expected, tol: dict) -> None:
+    """chex.assert_trees_all_close, recording the largest absolute difference."""
+    actual = jax.tree.map(lambda a: np.asarray(a, np.float64), actual)
+    expected = jax.tree.map(lambda a: np.asarray(a, np.float64), expected)
+    chex.assert_trees_all_close(actual, expected, **tol)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        d = np.abs(a - e)
+        used = d / (tol["atol"] + tol["rtol"] * np.abs(e))
+        MAX_DIFF[scenario] = max(MAX_DIFF.get(scenario, 0.0), float(np.max(d, initial=0)))
+        TOL_USED[scenario] = max(TOL_USED.get(scenario, 0.0), float(np.max(used, initial=0)))
+
+
+def _stats_equal_count(actual: dict, expected: dict) -> None:
+    """num_batches_tracked is an exact integer (int32 in bnjax, int64 in torch)."""
+    a, e = actual.get("num_batches_tracked"), expected.get("num_batches_tracked")
+    assert (a is None) == (e is None)
+    if a is not None:
+        assert np.asarray(a).dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(a), e)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_max_diffs():
+    yield
+    if MAX_DIFF:
+        print("\nscenario        largest |bnjax - torch|   share of the tolerance used")
+        for k in sorted(MAX_DIFF):
+            print(f"  {k:<14s} {MAX_DIFF[k]:>12.3e}   {TOL_USED[k]:>12.3f}")
+
+
+def _bn_step(params, batch_stats, x, g, *, train, momentum, eps):
+    """One BatchNorm call on NC... inputs: y, new stats, and the vjp with upstream g."""
+
+    def f(p, x_):
+        return bnjax.apply(p, batch_stats, x_, train, momentum=momentum, eps=eps, axis=1)
+
+    (y, new_stats), vjp = jax.vjp(f, params, x)
+    zero_stats = jax.tree.map(jnp.zeros_like, new_stats)
+    dparams, dx = vjp((g, zero_stats))
+    return y, new_stats, dx, dparams
+
+
+_BN_STEP = {
+    False: _bn_step,
+    True: jax.jit(_bn_step, static_argnames=("train", "momentum", "eps")),
+}
+
+
+def _run_bn_steps(scenario, arrays, cfg_prefix, *, momentum, eps, x_dtype, tol_y, use_jit):
+    """Replays `<cfg>/...` steps from `<cfg>/sd0` and compares every step."""
+    bn_step = _BN_STEP[use_jit]
+    params, stats = interop.from_torch_state_dict(_sub(arrays, f"{cfg_prefix}sd0"))
+    trains = arrays[f"{cfg_prefix}train"]
+    for s, train in enumerate(trains):
+        x = jnp.asarray(arrays[f"{cfg_prefix}x"][s], x_dtype)
+        g = jnp.asarray(arrays[f"{cfg_prefix}g"][s], x_dtype)
+        y, stats, dx, dparams = bn_step(
+            params, stats, x, g, train=bool(train), momentum=momentum, eps=eps
+        )
+        assert y.dtype == x_dtype and dx.dtype == x_dtype
+        _close(
+            scenario,
+            {"y": y, "dx": dx},
+            {"y": arrays[f"{cfg_prefix}y"][s], "dx": arrays[f"{cfg_prefix}dx"][s]},
+            tol_y,
+        )
+        if params:
+            _close(
+                scenario,
+                dparams,
+                {
+                    "weight": arrays[f"{cfg_prefix}dweight"][s],
+                    "bias": arrays[f"{cfg_prefix}dbias"][s],
+                },
+                F32_PARAM_GRADS,
+            )
+        exp_params, exp_stats = interop.from_torch_state_dict(_sub(arrays, f"{cfg_prefix}sd", s))
+        chex.assert_trees_all_equal_structs(stats, exp_stats)
+        _close(scenario, (params, stats), (exp_params, exp_stats), F32)
+        _stats_equal_count(stats, exp_stats)
+
+
+# --------------------------------------------------------------------------- scenario a
+
+
+def _grid_cases():
+    cases = []
+    for path in sorted(FIXTURES.glob("a_grid_*.npz")):
+        meta, _ = _load(path.name)
+        cases += [
+            pytest.param(path.name, c, id=f"{meta['kind']}-{c['id']}") for c in meta["configs"]
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("fname,cfg", _grid_cases())
+def test_a_grid(fname, cfg):
+    meta, arrays = _load(fname)
+    assert meta["scenario"] == "a"
+    # Eager: 96 configs x 2 static variants would cost ~200 compilations; the jitted
+    # path is exercised by scenarios b and e, which run both ways.
+    _run_bn_steps(
+        "a_grid",
+        arrays,
+        cfg["id"] + "/",
+        momentum=cfg["momentum"],
+        eps=cfg["eps"],
+        x_dtype=jnp.float32,
+        tol_y=F32,
+        use_jit=False,
+    )
+
+
+def test_a_grid_covers_the_issue():
+    """The grid is the one the issue asks for: 4 input kinds x 2 x 2 x 3 x 2 configs."""
+    seen = set()
+    for path in FIXTURES.glob("a_grid_*.npz"):
+        meta, arrays = _load(path.name)
+        for c in meta["configs"]:
+            seen.add(
+                (
+                    c["module"],
+                    len(c["input_shape"]),
+                    c["affine"],
+                    c["track_running_stats"],
+                    c["momentum"],
+                    c["eps"],
+                )
+            )
+            assert c["train_steps"] >= 5 and c["eval_steps"] >= 1
+            x = arrays[c["id"] + "/x"]  # (steps, N, C, ...)
+            channel_means = x.mean(axis=tuple(a for a in range(x.ndim) if a != 2))
+            assert np.abs(channel_means).max() > 1.0  # inputs with a non-zero mean
+            if c["affine"]:
+                w = arrays[c["id"] + "/sd0/weight"]
+                assert not np.allclose(w, 1.0)  # non-trivial weight
+    assert len(seen) == 4 * 2 * 2 * 3 * 2
+
+
+# --------------------------------------------------------------------------- scenario b
+
+
+def _compare_b_case(a, cid, y, dx, dparams):
+    _close("b_walkthrough", {"y": y, "dx": dx}, {"y": a[f"{cid}/y"], "dx": a[f"{cid}/dx"]}, F32)
+    _close(
+        "b_walkthrough",
+        {"weight": dparams["weight"], "bias": dparams["bias"]},
+        {"weight": a[f"{cid}/dweight"], "bias": a[f"{cid}/dbias"]},
+        F32_PARAM_GRADS,
+    )
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_b_walkthrough(use_jit):
+    _bn_step = _BN_STEP[use_jit]
+    meta, a = _load("b_walkthrough.npz")
+    params, stats = interop.from_torch_state_dict(_sub(a, "sd0"))
+    y, stats, dx, dparams = _bn_step(
+        params,
+        stats,
+        jnp.asarray(a["train/x"]),
+        jnp.asarray(a["train/g"]),
+        train=True,
+        momentum=0.1,
+        eps=1e-5,
+    )
+    _compare_b_case(a, "train", y, dx, dparams)
+    exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, "sd1"))
+    _close("b_walkthrough", (params, stats), (exp_params, exp_stats), F32)
+    _stats_equal_count(stats, exp_stats)
+
+    y1, same_stats, dx1, _ = _bn_step(
+        params,
+        stats,
+        jnp.asarray(a["eval_ones/x"]),
+        jnp.ones((1, 3, 1, 1)),
+        train=False,
+        momentum=0.1,
+        eps=1e-5,
+    )
+    _close(
+        "b_walkthrough", {"y": y1, "dx": dx1}, {"y": a["eval_ones/y"], "dx": a["eval_ones/dx"]}, F32
+    )
+    chex.assert_trees_all_equal(same_stats, stats)
+
+    first_rows = {}
+    for case in meta["cases"]:
+        cid = case["id"]
+        y, new_stats, dx, dparams = _bn_step(
+            params,
+            stats,
+            jnp.asarray(a[f"{cid}/x"]),
+            jnp.asarray(a[f"{cid}/g"]),
+            train=case["train"],
+            momentum=0.1,
+            eps=1e-5,
+        )
+        _compare_b_case(a, cid, y, dx, dparams)
+        exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, f"{cid}/sd"))
+        _close("b_walkthrough", (params, new_stats), (exp_params, exp_stats), F32)
+        _stats_equal_count(new_stats, exp_stats)
+        first_rows[(case["batch_size"], case["train"])] = np.asarray(y[0])
+    # The trap: in train mode sample 0's output depends on the rest of the batch; in eval
+    # mode it does not (bit for bit).
+    assert not np.allclose(first_rows[(1, True)], first_rows[(8, True)], atol=1e-3)
+    for bs in (2, 8):
+        np.testing.assert_array_equal(first_rows[(bs, False)], first_rows[(1, False)])
+
+
+# --------------------------------------------------------------------------- scenario c
+
+
+def test_c_gradient_accumulation():
+    meta, a = _load("c_accumulation.npz")
+    cfg = meta["config"]
+    accum, mb, lr, mom = cfg["accum_steps"], cfg["micro_batch"], cfg["lr"], cfg["momentum"]
+    assert cfg["backward"] == "(loss / accum_steps).backward() per micro-batch"
+    params, stats = small_net.from_torch_state_dict(_sub(a, "sd_init"))
+    x, y = small_net.nchw_to_nhwc(a["x"]), jnp.asarray(a["y"], jnp.int32)
+    value_and_grad = jax.jit(jax.value_and_grad(small_net.loss_fn, has_aux=True))
+    buf = None
+    for step in range(cfg["optimizer_steps"]):
+        acc = jax.tree.map(jnp.zeros_like, params)
+        for micro in range(accum):
+            k = step * accum + micro
+            batch = (x[k * mb : (k + 1) * mb], y[k * mb : (k + 1) * mb])
+            (loss, (stats, aux)), grads = value_and_grad(params, stats, batch)
+            # torch: (loss / accum).backward() accumulates into .grad
+            acc = jax.tree.map(lambda s, g_: s + g_ / accum, acc, grads)
+            _close(
+                "c_accumulation",
+                {"loss": loss, "logits": aux["logits"]},
+                {"loss": a["loss"][k], "logits": a["logits"][k]},
+                F32,
+            )
+            _, exp_stats = interop.from_torch_state_dict(_sub(a, "sd_micro", k))
+            _close("c_accumulation", stats, exp_stats, F32)
+            _stats_equal_count(stats["bn1"], exp_stats["bn1"])
+        exp_grads, _ = interop.from_torch_state_dict(_sub(a, "grad_step", step))
+        _close("c_accumulation", acc, exp_grads, F32)
+        # torch.optim.SGD(momentum=0.9): buf = g (first step), then buf = 0.9 buf + g;
+        # p -= lr * buf.
+        buf = acc if buf is None else jax.tree.map(lambda b, g_: mom * b + g_, buf, acc)
+        params = jax.tree.map(lambda p, b: p - lr * b, params, buf)
+        exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, "sd_step", step))
+        _close("c_accumulation", (params, stats), (exp_params, exp_stats), F32)
+    final = small_net.to_torch_state_dict(params, stats)
+    _close("c_accumulation", final, _sub(a, "sd_final"), F32)
+
+
+# --------------------------------------------------------------------------- scenario d
+
+
+def test_d_frozen_batchnorm():
+    meta, a = _load("d_frozen_bn.npz")
+    cfg = meta["config"]
+    params, stats = small_net.from_torch_state_dict(_sub(a, "sd_init"))
+    frozen = {k: params.pop(k) for k in ("bn1", "bn2")}
+    x, y = small_net.nchw_to_nhwc(a["x"]), jnp.asarray(a["y"], jnp.int32)
+
+    def loss(trainable, batch):
+        # BN in eval(): running statistics, no update; BN weight/bias are constants.
+        return small_net.loss_fn({**trainable, **frozen}, stats, batch, train=False)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    bs, buf = cfg["batch"], None
+    for step in range(cfg["steps"]):
+        batch = (x[step * bs : (step + 1) * bs], y[step * bs : (step + 1) * bs])
+        (value, (new_stats, aux)), grads = value_and_grad(params, batch)
+        chex.assert_trees_all_equal(new_stats, stats)
+        _close(
+            "d_frozen_bn",
+            {"loss": value, "logits": aux["logits"]},
+            {"loss": a["loss"][step], "logits": a["logits"][step]},
+            F32,
+        )
+        exp_grads, _ = interop.from_torch_state_dict(_sub(a, "grad_step", step))
+        _close("d_frozen_bn", grads, exp_grads, F32)
+        buf = (
+            grads
+            if buf is None
+            else jax.tree.map(lambda b, g_: cfg["momentum"] * b + g_, buf, grads)
+        )
+        params = jax.tree.map(lambda p, b: p - cfg["lr"] * b, params, buf)
+        exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, "sd_step", step))
+        _close("d_frozen_bn", ({**params, **frozen}, stats), (exp_params, exp_stats), F32)
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, stats), exp_stats)
+
+
+# --------------------------------------------------------------------------- scenario e
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_e_bfloat16_inputs_float32_params(use_jit):
+    meta, a = _load("e_bf16.npz")
+    cfg = meta["config"]
+    assert cfg["x_dtype"] == "bfloat16" and cfg["param_dtype"] == "float32"
+    _run_bn_steps(
+        "e_bf16",
+        a,
+        "",
+        momentum=cfg["momentum"],
+        eps=cfg["eps"],
+        x_dtype=jnp.bfloat16,
+        tol_y=BF16,
+        use_jit=use_jit,
+    )
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_fixtures_are_reproducible(tmp_path):
+    """Re-running the exporter reproduces every committed array bit for bit.
+
+    Bit-exact is the right bar: the exporter pins torch==2.13.0, one thread,
+    deterministic algorithms, the scalar ATen kernels (ATEN_CPU_CAPABILITY=default),
+    MKL_CBWR=COMPATIBLE and no oneDNN, so nothing depends on the CPU's vector width or
+    on thread scheduling. (The .npz files themselves differ in their zip timestamps,
+    so arrays and metadata are compared, not bytes.)
+    """
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip(
+            "torch is not installed; the fixtures are committed and the other "
+            "tests need no torch (install torch==2.13.0 to run this check)"
+        )
+    torch = pytest.importorskip("torch", reason="torch is not importable")
+    if torch.__version__.split("+")[0] != "2.13.0":
+        pytest.skip(f"the fixtures are pinned to torch==2.13.0, found {torch.__version__}")
+    result = subprocess.run(
+        [sys.executable, str(EXPORTER), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    committed = sorted(p.name for p in FIXTURES.glob("*.npz"))
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == committed
+    for name in committed:
+        with np.load(FIXTURES / name) as old, np.load(tmp_path / name) as new:
+            assert sorted(old.files) == sorted(new.files), name
+            for k in old.files:
+                assert old[k].dtype == new[k].dtype, (name, k)
+                np.testing.assert_array_equal(new[k], old[k], err_msg=f"{name}:{k}")
