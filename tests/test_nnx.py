@@ -7,9 +7,12 @@ conventions agree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -220,3 +223,125 @@ def test_bad_construction():
         bx.BatchNorm(3, weight_init=nnx.initializers.normal())
     bn = bx.BatchNorm(3, weight_init=nnx.initializers.normal(), rngs=nnx.Rngs(0))
     assert bn.weight[...].shape == (3,)
+
+
+# --------------------------------------------------------------------------- PyTorch fixtures
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_HI = jax.lax.Precision.HIGHEST
+
+
+class _SmallNet(nnx.Module):
+    """PyTorch's SmallNet (scripts/export_torch_fixtures.py), channels-last, in nnx."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 4, (3, 3), padding=1, precision=_HI, rngs=rngs)
+        self.bn1 = bx.BatchNorm(4)
+        self.conv2 = nnx.Conv(4, 8, (3, 3), padding=1, precision=_HI, rngs=rngs)
+        self.bn2 = bx.BatchNorm(8)
+        self.fc = nnx.Linear(8, 10, precision=_HI, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(axis=(1, 2)))
+
+
+def _load_fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"PyTorch fixture {path} not found (scripts/export_torch_fixtures.py)")
+    return dict(np.load(path))
+
+
+def _torch_arrays(f, prefix, index=None):
+    """`{module: {name: array}}` in nnx layouts from SmallNet's state_dict entries."""
+    out = {}
+    for key in f:
+        if not key.startswith(prefix + "/"):
+            continue
+        module, name = key[len(prefix) + 1 :].split(".")
+        a = jnp.asarray(f[key] if index is None else f[key][index])
+        if name == "weight" and module.startswith("conv"):
+            name, a = "kernel", a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif name == "weight" and module == "fc":
+            name, a = "kernel", a.T
+        elif name == "num_batches_tracked":
+            a = a.astype(jnp.int32)
+        out.setdefault(module, {})[name] = a
+    return out
+
+
+def _state_arrays(model, filt):
+    return {
+        module: {name: v[...] for name, v in sub.items()}
+        for module, sub in nnx.state(model, filt).items()
+    }
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+
+def test_small_net_reproduces_pytorch_training_fixture():
+    """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
+    mode: logits and running statistics after every micro-batch, accumulated
+    gradients and parameters after every step, as PyTorch computed them."""
+    f = _load_fixture("c_accumulation.npz")
+    model = _SmallNet(nnx.Rngs(0))
+    for module, arrays in _torch_arrays(f, "sd_init").items():
+        for name, a in arrays.items():
+            getattr(getattr(model, module), name)[...] = a
+    x = jnp.transpose(jnp.asarray(f["x"]), (0, 2, 3, 1))
+    y = jnp.asarray(f["y"], jnp.int32)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def micro_step(model, x, y):
+        return nnx.grad(_loss, has_aux=True)(model, x, y)
+
+    @nnx.jit
+    def apply_step(model, optimizer, grads):
+        optimizer.update(model, grads)
+
+    for step in range(3):
+        acc = None
+        for micro in range(4):
+            k = step * 4 + micro
+            rows = slice(8 * k, 8 * k + 8)
+            grads, logits = micro_step(model, x[rows], y[rows])
+            acc = jax.tree.map(lambda g: g / 4, grads) if acc is None else jax.tree.map(
+                lambda a, g: a + g / 4, acc, grads
+            )
+            _close(logits, f["logits"][k], rtol=1e-4, atol=1e-5)
+            want = _torch_arrays(f, "sd_micro", k)
+            got = _state_arrays(model, nnx.BatchStat)
+            _close(got, {m: {n: want[m][n] for n in got[m]} for m in got}, rtol=1e-5, atol=1e-6)
+        want_grads = _torch_arrays(f, "grad_step", step)
+        _close({m: {n: v[...] for n, v in sub.items()} for m, sub in acc.items()}, want_grads,
+               rtol=1e-4, atol=1e-5)
+        apply_step(model, optimizer, acc)
+        want = _torch_arrays(f, "sd_step", step)
+        got = _state_arrays(model, nnx.Param)
+        _close(got, {m: {n: want[m][n] for n in got[m]} for m in got}, rtol=1e-4, atol=1e-5)
+
+
+def test_small_net_reproduces_pytorch_frozen_bn_fixture():
+    """Scenario d: the BatchNorms in eval() (a pretrained net's running statistics):
+    logits and the gradients of the convolutions and the classifier, as PyTorch's."""
+    f = _load_fixture("d_frozen_bn.npz")
+    model = _SmallNet(nnx.Rngs(0))
+    for module, arrays in _torch_arrays(f, "sd_init").items():
+        for name, a in arrays.items():
+            getattr(getattr(model, module), name)[...] = a
+    model.bn1.eval()
+    model.bn2.eval()
+    before = _state_arrays(model, nnx.BatchStat)
+    x = jnp.transpose(jnp.asarray(f["x"][:16]), (0, 2, 3, 1))
+    y = jnp.asarray(f["y"][:16], jnp.int32)
+    grads, logits = nnx.grad(_loss, has_aux=True)(model, x, y)
+    _close(logits, f["logits"][0], rtol=1e-4, atol=1e-5)
+    _close(_state_arrays(model, nnx.BatchStat), before, 0, 0)
+    want = _torch_arrays(f, "grad_step", 0)
+    _close({m: {n: grads[m][n][...] for n in want[m]} for m in want}, want, rtol=1e-4, atol=1e-5)
