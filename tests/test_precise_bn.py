@@ -117,6 +117,25 @@ def test_precise_bn_equals_numpy(pooled):
     assert np.max(np.abs(eq_mean - pool_mean)) > 0.1
 
 
+def test_precise_bn_counts_only_valid_values_under_a_mask():
+    rng = np.random.default_rng(5)
+    p, s = bnjax.init(3)
+    batches = [
+        (jnp.asarray(rng.normal(size=(4, 6, 3)) + i, jnp.float32), jnp.asarray(m))
+        for i, m in enumerate(rng.random((3, 4, 6)) < 0.6)
+    ]
+
+    def apply_fn(params, stats, batch, bn):
+        x, mask = batch
+        return {"bn": bn(params["bn"], stats["bn"], x, True, mask=mask)[1]}
+
+    new = precise_bn(apply_fn, {"bn": p}, {"bn": s}, batches, progress=False)
+    valid = np.concatenate([np.asarray(x)[np.asarray(m)] for x, m in batches])
+    mean, var = _pooled([valid])
+    np.testing.assert_allclose(new["bn"]["running_mean"], mean, **TOL)
+    np.testing.assert_allclose(new["bn"]["running_var"], var, **TOL)
+
+
 def test_num_batches_bounds_the_stream():
     params, stats = _mlp_init()
     batches = _mlp_batches()
