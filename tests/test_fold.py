@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +189,33 @@ def test_fold_errors_name_the_problem():
         fold_into_kernel(jnp.ones((4, 5)), None, jnp.ones(5), jnp.ones(5), layout="OIHW")
     with pytest.raises(KeyError, match="pass kernel_key="):
         fold_batchnorms(params, stats, [("fc", "bn1")], kernel_key="weight")
+
+
+def test_fold_pytorch_layout_tree_from_a_state_dict():
+    """A torch state_dict kept in torch layouts (OIHW, (out, in)) folds with layout='OIHW'."""
+    from bnjax import interop
+
+    d = np.load(Path(__file__).parent / "fixtures" / "precise_bn_update_bn.npz")
+    sd = {k[len("after/") :]: d[k] for k in d.files if k.startswith("after/")}
+    params, stats = interop.from_torch_state_dict(sd, conv_layout="OIHW", linear_layout="out_in")
+    params, stats = jax.tree.map(jnp.asarray, (params, stats))
+    x = jnp.asarray(d["batch_0"])  # NCHW
+
+    def forward(params, stats, x):
+        h = x
+        for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+            h = jax.lax.conv_general_dilated(
+                h, params[conv]["weight"], (1, 1), "SAME",
+                dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                precision=jax.lax.Precision.HIGHEST,
+            ) + params[conv]["bias"][:, None, None]  # fmt: skip
+            if bn in stats:
+                h, _ = bnjax.apply(params[bn], stats[bn], h, train=False, axis=1)
+            h = jax.nn.relu(h)
+        return h.mean(axis=(2, 3)) @ params["fc"]["weight"].T + params["fc"]["bias"]
+
+    fp, fs = fold_batchnorms(
+        params, stats, [("conv1", "bn1"), ("conv2", "bn2")], layout="OIHW", kernel_key="weight"
+    )
+    assert fs == {} and set(fp) == {"conv1", "conv2", "fc"}
+    np.testing.assert_allclose(forward(fp, fs, x), forward(params, stats, x), **TOL)
