@@ -53,6 +53,17 @@ TORCH_VERSION = "2.13.0"
 COMMAND = "python scripts/export_torch_fixtures.py --out tests/fixtures"
 TRAIN_STEPS = 5
 EVAL_STEPS = 2
+#: Every file this script writes (tests/fixtures may hold other scripts' files too).
+FIXTURE_NAMES = (
+    "a_grid_bn1d_nc.npz",
+    "a_grid_bn1d_ncl.npz",
+    "a_grid_bn2d.npz",
+    "a_grid_bn3d.npz",
+    "b_walkthrough.npz",
+    "c_accumulation.npz",
+    "d_frozen_bn.npz",
+    "e_bf16.npz",
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,6 +134,7 @@ def _bn_steps(bn, gen, shape, *, train_flags, dtype=torch.float32) -> dict[str, 
 
 
 def _save(out: Path, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    assert name in FIXTURE_NAMES, name
     meta = dict(
         meta,
         torch_version=torch.__version__,
@@ -504,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     scenario_c(args.out, data)
     scenario_d(args.out, data)
     scenario_e(args.out)
-    for p in sorted(args.out.glob("*.npz")):
-        print(f"{p.stat().st_size:>9d}  {p}")
+    for name in FIXTURE_NAMES:
+        print(f"{(args.out / name).stat().st_size:>9d}  {args.out / name}")
     return 0
 
 

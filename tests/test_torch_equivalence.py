@@ -54,6 +54,14 @@ F32 = {"rtol": 1e-5, "atol": 1e-5}
 F32_PARAM_GRADS = {"rtol": 1e-5, "atol": 5e-5}
 BF16 = {"rtol": 2.0**-7, "atol": 2.0**-7}
 
+#: The files `scripts/export_torch_fixtures.py` writes.
+MY_FIXTURES = (
+    *(f"a_grid_{k}.npz" for k in ("bn1d_nc", "bn1d_ncl", "bn2d", "bn3d")),
+    "b_walkthrough.npz",
+    "c_accumulation.npz",
+    "d_frozen_bn.npz",
+    "e_bf16.npz",
+)
 MAX_DIFF: dict[str, float] = {}  # scenario -> largest |actual - expected|
 TOL_USED: dict[
     str, float
@@ -165,7 +173,7 @@ def _run_bn_steps(scenario, arrays, cfg_prefix, *, momentum, eps, x_dtype, tol_y
 
 def _grid_cases():
     cases = []
-    for path in sorted(FIXTURES.glob("a_grid_*.npz")):
+    for path in sorted(FIXTURES / n for n in MY_FIXTURES if n.startswith("a_grid_")):
         meta, _ = _load(path.name)
         cases += [
             pytest.param(path.name, c, id=f"{meta['kind']}-{c['id']}") for c in meta["configs"]
@@ -194,7 +202,7 @@ def test_a_grid(fname, cfg):
 def test_a_grid_covers_the_issue():
     """The grid is the one the issue asks for: 4 input kinds x 2 x 2 x 3 x 2 configs."""
     seen = set()
-    for path in FIXTURES.glob("a_grid_*.npz"):
+    for path in sorted(FIXTURES / n for n in MY_FIXTURES if n.startswith("a_grid_")):
         meta, arrays = _load(path.name)
         for c in meta["configs"]:
             seen.add(
@@ -390,6 +398,17 @@ def test_e_bfloat16_inputs_float32_params(use_jit):
 # --------------------------------------------------------------------------- reproducibility
 
 
+@pytest.mark.parametrize("name", MY_FIXTURES)
+def test_fixture_metadata(name):
+    meta, arrays = _load(name)
+    assert meta["torch_version"].split("+")[0] == "2.13.0"
+    assert meta["command"] == "python scripts/export_torch_fixtures.py --out tests/fixtures"
+    assert meta["determinism"]["deterministic_algorithms"] is True
+    assert meta["scenario"] == name[0] and meta["description"] and meta["layout"]
+    assert (FIXTURES / name).stat().st_size < 1_000_000
+    assert all(a.dtype != object for a in arrays.values())
+
+
 def test_fixtures_are_reproducible(tmp_path):
     """Re-running the exporter reproduces every committed array bit for bit.
 
@@ -415,8 +434,9 @@ def test_fixtures_are_reproducible(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    committed = sorted(p.name for p in FIXTURES.glob("*.npz"))
-    assert sorted(p.name for p in tmp_path.glob("*.npz")) == committed
+    # Only this exporter's files: tests/fixtures also holds other scripts' fixtures.
+    committed = list(MY_FIXTURES)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == sorted(committed)
     for name in committed:
         with np.load(FIXTURES / name) as old, np.load(tmp_path / name) as new:
             assert sorted(old.files) == sorted(new.files), name
