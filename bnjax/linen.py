@@ -266,8 +266,7 @@ class BatchNorm(nn.Module):
                 raise ValueError(
                     f"bnjax.linen.BatchNorm at '{self._path()}': no '{name}' in the '{col}' "
                     f"collection (found {sorted(present)}). Pass the variables returned by "
-                    "`model.init`"
-                    + (", including 'batch_stats'." if col == "batch_stats" else ".")
+                    "`model.init`" + (", including 'batch_stats'." if col == "batch_stats" else ".")
                 )
             if name == "num_batches_tracked":
                 shape = features  # the creator ignores it; the stored scalar is kept

@@ -142,7 +142,15 @@ def test_model_variables_round_trip_and_closed_form():
         assert int(got["num_batches_tracked"]) == int(want["num_batches_tracked"]) == steps
     # Per-layer n: only the named layer is rescaled.
     per_layer = fi.variables_from_flax(flax_vars, n={("BatchNorm_1",): n})
-    _close(per_layer["batch_stats"]["BatchNorm_0"]["running_var"],
-           flax_vars["batch_stats"]["BatchNorm_0"]["var"], 0, 0)
-    _close(per_layer["batch_stats"]["BatchNorm_1"]["running_var"],
-           scaled["batch_stats"]["BatchNorm_1"]["running_var"], 0, 0)
+    _close(
+        per_layer["batch_stats"]["BatchNorm_0"]["running_var"],
+        flax_vars["batch_stats"]["BatchNorm_0"]["var"],
+        0,
+        0,
+    )
+    _close(
+        per_layer["batch_stats"]["BatchNorm_1"]["running_var"],
+        scaled["batch_stats"]["BatchNorm_1"]["running_var"],
+        0,
+        0,
+    )

@@ -82,7 +82,10 @@ def test_module_equals_functional_core(cfg):
 
         def module_loss(p, x, s=mod_stats, train=train, mask=mask, g=g):
             y, upd = module.apply(
-                {"params": p, "batch_stats": s}, x, train=train, mask=mask,
+                {"params": p, "batch_stats": s},
+                x,
+                train=train,
+                mask=mask,
                 mutable=["batch_stats"],
             )
             return jnp.sum(y * g), (y, dict(upd.get("batch_stats", {})))
@@ -94,9 +97,7 @@ def test_module_equals_functional_core(cfg):
         (_, (y_m, mod_stats)), grads_m = jax.value_and_grad(module_loss, (0, 1), has_aux=True)(
             params, x
         )
-        (_, (y_c, stats)), grads_c = jax.value_and_grad(core_loss, (0, 1), has_aux=True)(
-            params, x
-        )
+        (_, (y_c, stats)), grads_c = jax.value_and_grad(core_loss, (0, 1), has_aux=True)(params, x)
         _close(y_m, y_c)
         _close(mod_stats, stats)
         _close(grads_m, grads_c)
@@ -118,9 +119,7 @@ def test_use_running_average_compatibility():
     x = _batch(rng, (6, 3), 1)
     variables = bl.BatchNorm().init(KEY, x, train=False)
     y_t, u_t = bl.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
-    y_a, u_a = bl.BatchNorm(use_running_average=False).apply(
-        variables, x, mutable=["batch_stats"]
-    )
+    y_a, u_a = bl.BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
     y_c, u_c = bl.BatchNorm().apply(
         variables, x, use_running_average=False, mutable=["batch_stats"]
     )
@@ -188,9 +187,13 @@ def test_vmap_axis_name_syncs_statistics_across_the_mapped_axis():
         split_rngs={"params": False},
         in_axes=(0, None),
     )().apply(
-        {"params": variables["params"],
-         "batch_stats": jax.tree.map(lambda a: jnp.stack([a] * 4), variables["batch_stats"])},
-        x, True, mutable=["batch_stats"],
+        {
+            "params": variables["params"],
+            "batch_stats": jax.tree.map(lambda a: jnp.stack([a] * 4), variables["batch_stats"]),
+        },
+        x,
+        True,
+        mutable=["batch_stats"],
     )
     assert not np.allclose(y_local.reshape(24, 3), y_full, atol=1e-3)
 
@@ -242,7 +245,9 @@ def test_remat_and_jit_lifted_modules(lift):
 
     def loss(p):
         y, upd = module.apply(
-            {"params": p, "batch_stats": variables["batch_stats"]}, x, True,
+            {"params": p, "batch_stats": variables["batch_stats"]},
+            x,
+            True,
             mutable=["batch_stats"],
         )
         return jnp.sum(y * g), upd["batch_stats"]
@@ -275,7 +280,9 @@ def test_train_state_loop_equals_functional_loop():
     variables = model.init(KEY, xs[0], train=False)
     tx = optax.sgd(0.1, momentum=0.9)
     state = TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=tx,
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
         batch_stats=variables["batch_stats"],
     )
 
@@ -283,7 +290,9 @@ def test_train_state_loop_equals_functional_loop():
     def step(state, x, t):
         def loss_fn(p):
             y, upd = state.apply_fn(
-                {"params": p, "batch_stats": state.batch_stats}, x, train=True,
+                {"params": p, "batch_stats": state.batch_stats},
+                x,
+                train=True,
                 mutable=["batch_stats"],
             )
             return jnp.mean((y - t) ** 2), upd["batch_stats"]
@@ -443,9 +452,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
     params, stats = _torch_to_flax(f, "sd_init")
     x = jnp.transpose(jnp.asarray(f["x"]), (0, 2, 3, 1))
     y = jnp.asarray(f["y"], jnp.int32)
-    grad_fn = jax.jit(
-        jax.grad(lambda p, s, x, y: _loss(model, p, s, x, y, True), has_aux=True)
-    )
+    grad_fn = jax.jit(jax.grad(lambda p, s, x, y: _loss(model, p, s, x, y, True), has_aux=True))
     tx = optax.sgd(0.1, momentum=0.9)  # torch SGD: buf = 0.9 buf + g; p -= 0.1 buf
     opt_state = tx.init(params)
     for step in range(3):

@@ -311,16 +311,22 @@ def test_small_net_reproduces_pytorch_training_fixture():
             k = step * 4 + micro
             rows = slice(8 * k, 8 * k + 8)
             grads, logits = micro_step(model, x[rows], y[rows])
-            acc = jax.tree.map(lambda g: g / 4, grads) if acc is None else jax.tree.map(
-                lambda a, g: a + g / 4, acc, grads
+            acc = (
+                jax.tree.map(lambda g: g / 4, grads)
+                if acc is None
+                else jax.tree.map(lambda a, g: a + g / 4, acc, grads)
             )
             _close(logits, f["logits"][k], rtol=1e-4, atol=1e-5)
             want = _torch_arrays(f, "sd_micro", k)
             got = _state_arrays(model, nnx.BatchStat)
             _close(got, {m: {n: want[m][n] for n in got[m]} for m in got}, rtol=1e-5, atol=1e-6)
         want_grads = _torch_arrays(f, "grad_step", step)
-        _close({m: {n: v[...] for n, v in sub.items()} for m, sub in acc.items()}, want_grads,
-               rtol=1e-4, atol=1e-5)
+        _close(
+            {m: {n: v[...] for n, v in sub.items()} for m, sub in acc.items()},
+            want_grads,
+            rtol=1e-4,
+            atol=1e-5,
+        )
         apply_step(model, optimizer, acc)
         want = _torch_arrays(f, "sd_step", step)
         got = _state_arrays(model, nnx.Param)
