@@ -177,7 +177,9 @@ def variables_from_flax(
       ValueError: `variables` has no `batch_stats` collection, or a bad `n`.
 
     Example:
-      >>> flax_vars = nn.BatchNorm(use_running_average=True).init(key, jnp.ones((2, 3)))
+      >>> import flax.linen as nn
+      >>> bn = nn.BatchNorm(use_running_average=True)
+      >>> flax_vars = bn.init(jax.random.key(0), jnp.ones((2, 3)))
       >>> sorted(variables_from_flax(flax_vars)["batch_stats"])
       ['num_batches_tracked', 'running_mean', 'running_var']
     """
@@ -212,7 +214,10 @@ def variables_to_flax(
       ValueError: `variables` has no `batch_stats` collection, or a bad `n`.
 
     Example:
-      >>> flax_vars = variables_to_flax(bnjax_vars)
+      >>> params, batch_stats = bnjax.init(3)
+      >>> v = variables_to_flax({"params": {"bn": params}, "batch_stats": {"bn": batch_stats}})
+      >>> sorted(v["params"]["bn"]), sorted(v["batch_stats"]["bn"])
+      (['bias', 'scale'], ['mean', 'var'])
     """
     return _convert_model(
         variables,

@@ -79,7 +79,7 @@ class BatchNorm(nnx.Module):
     Example:
       >>> bn = bnjax.nnx.BatchNorm(3)
       >>> y = bn(jnp.arange(12.0).reshape(4, 3))
-      >>> bn.running_mean[...]
+      >>> bn.running_mean[...].round(4)
       Array([0.45, 0.55, 0.65], dtype=float32)
       >>> bn.eval()
       >>> bn.training
@@ -221,7 +221,9 @@ class BatchNorm(nnx.Module):
           None; sets the attribute on the view's copy of the module.
 
         Example:
-          >>> eval_model = nnx.view(model, use_running_average=True)
+          >>> bn = bnjax.nnx.BatchNorm(3)
+          >>> nnx.view(bn, use_running_average=True).training, bn.training
+          (False, True)
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
