@@ -198,8 +198,7 @@ def make_train_step(
     _check_accum_steps(accum_steps)
     if grad_reduction not in _REDUCTIONS:
         raise ValueError(
-            f"bnjax.training: grad_reduction must be one of {_REDUCTIONS}, "
-            f"got {grad_reduction!r}."
+            f"bnjax.training: grad_reduction must be one of {_REDUCTIONS}, got {grad_reduction!r}."
         )
     if stats_policy not in _POLICIES:
         raise ValueError(
@@ -371,9 +370,7 @@ def _acc_dtype(dtype: Any) -> Any:
 
 def _check_accum_steps(accum_steps: Any) -> None:
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(
-            f"bnjax.training: accum_steps must be an int >= 1, got {accum_steps!r}."
-        )
+        raise ValueError(f"bnjax.training: accum_steps must be an int >= 1, got {accum_steps!r}.")
 
 
 def _check_batch(batch: PyTree, k: int) -> None:

@@ -1,0 +1,464 @@
+"""bnjax.training: accumulation under one scan, the three statistics policies, frozen BN.
+
+Expected numbers come from the NumPy float64 reference (`reference.py`), closed
+forms, or the PyTorch fixtures (scenario c: accumulation, d: frozen BN).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from reference import ref_moments
+
+import bnjax
+from bnjax import training
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+K, B = 4, 8
+M1, M2 = 0.1, 0.3  # momenta of bn1 (on the data) and bn2 (downstream)
+M3 = {"corrected": 0.2}  # bn3's momentum: None (cumulative) except where it cannot be
+
+
+# --------------------------------------------------------------------------- a tiny model
+# bn1 (momentum 0.1) and bn3 (momentum None) normalize the data itself; bn2 (0.3)
+# normalizes a dense layer of their outputs. Initial statistics are not the defaults.
+
+
+def _tiny_init():
+    rng = np.random.default_rng(0)
+    params, stats = {}, {}
+    for name, c, nbt in (("bn1", 3, 3), ("bn3", 3, 5), ("bn2", 4, 2)):
+        p, s = bnjax.init(c)
+        params[name] = {
+            "weight": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=c), jnp.float32),
+        }
+        stats[name] = {
+            "running_mean": jnp.asarray(rng.normal(size=c), jnp.float32),
+            "running_var": jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
+            "num_batches_tracked": jnp.asarray(nbt, s["num_batches_tracked"].dtype),
+        }
+    params["dense"] = {
+        "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=4), jnp.float32),
+    }
+    params["head"] = jnp.asarray(rng.normal(size=4), jnp.float32)
+    return params, stats
+
+
+def _tiny_loss(params, stats, batch, m3=None):
+    x, t = batch
+    new = {}
+    h1, new["bn1"] = bnjax.apply(params["bn1"], stats["bn1"], x, True, momentum=M1)
+    h3, new["bn3"] = bnjax.apply(params["bn3"], stats["bn3"], x, True, momentum=m3)
+    z = (h1 + 0.5 * h3) @ params["dense"]["w"] + params["dense"]["b"]
+    h2, new["bn2"] = bnjax.apply(params["bn2"], stats["bn2"], z, True, momentum=M2)
+    pred = jnp.tanh(h2) @ params["head"]
+    return jnp.mean((pred - t) ** 2), (new, {"pred": pred})
+
+
+def _tiny_data(k=K, b=B, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(k, b, 3)) * np.array([1.0, 3.0, 0.5]) + np.array([2.0, -4.0, 10.0])
+    t = rng.normal(size=(k, b))
+    return jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)
+
+
+def _micro_moments(params, x):
+    """float64 per-micro-batch (mean, biased var, n) of every layer's input."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    out = {"bn1": [], "bn3": [], "bn2": []}
+    for xi in np.asarray(x, np.float64):
+        mean, var, n = ref_moments(xi, (-1,))
+        out["bn1"].append((mean, var, n))
+        out["bn3"].append((mean, var, n))
+        xhat = (xi - mean) / np.sqrt(var + 1e-5)
+        h1 = xhat * p["bn1"]["weight"] + p["bn1"]["bias"]
+        h3 = xhat * p["bn3"]["weight"] + p["bn3"]["bias"]
+        z = (h1 + 0.5 * h3) @ p["dense"]["w"] + p["dense"]["b"]
+        out["bn2"].append(ref_moments(z, (-1,)))
+    return out
+
+
+def _momentum(name, s0, policy="full"):
+    if name == "bn3":
+        return M3.get(policy, 1.0 / (int(s0[name]["num_batches_tracked"]) + 1))
+    return {"bn1": M1, "bn2": M2}[name]
+
+
+def _plain_step(loss_fn, optimizer):
+    """The textbook one-batch step: one loss_fn call, one optax update."""
+
+    def step(params, stats, opt_state, batch):
+        (loss, (stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    return step
+
+
+def _assert_trees_close(actual, expected, rtol, atol=0.0):
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol, atol),
+        actual,
+        expected,
+    )
+
+
+@functools.cache
+def _run_tiny(policy, k=K, reduction="mean"):
+    """One jitted accumulated step of the tiny model (cached: one compile per config)."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
+    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy))
+    step = training.make_train_step(
+        loss_fn, opt, accum_steps=k, grad_reduction=reduction, stats_policy=policy
+    )
+    return jax.jit(step)(params, stats, opt.init(params), _tiny_data(k))
+
+
+# --------------------------------------------------------------------------- 1. k = 1
+
+
+@pytest.mark.parametrize("policy", ["micro", "corrected", "full"])
+def test_k1_every_policy_is_the_plain_step(policy):
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
+    x, t = _tiny_data(k=1)
+    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy))
+    plain = jax.jit(_plain_step(loss_fn, opt))(params, stats, opt.init(params), (x[0], t[0]))
+    got = _run_tiny(policy, k=1)
+    _assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got[3].loss, [plain[3]], rtol=1e-6)
+    assert got[3].aux["pred"].shape == (1, B)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_gradients_are_the_mean_or_sum_over_micro_batches():
+    """A first SGD-momentum step moves params by -lr * (mean or sum of the k gradients)."""
+    params, stats = _tiny_init()
+    x, t = _tiny_data()
+    grad_fn = jax.grad(lambda p, b: _tiny_loss(p, stats, b)[0])
+    grads = jax.jit(jax.vmap(grad_fn, in_axes=(None, 0)))(params, (x, t))
+    mean = jax.tree.map(lambda g: np.mean(np.asarray(g, np.float64), 0), grads)
+    for reduction, scale in (("mean", 1.0), ("sum", K)):
+        new_params = _run_tiny("micro", reduction=reduction)[0]
+        moved = jax.tree.map(lambda a, b: (a - b) / 0.05, params, new_params)
+        expected = jax.tree.map(lambda g, scale=scale: scale * g, mean)
+        _assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_policies_change_only_the_statistics():
+    micro, full, corrected = (_run_tiny(p) for p in ("micro", "full", "corrected"))
+    for other in (full, corrected):
+        _assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
+        _assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
+
+
+# --------------------------------------------------------------------------- 3. statistics
+
+
+def test_micro_statistics_are_k_pytorch_updates():
+    params, s0 = _tiny_init()
+    x, _ = _tiny_data()
+    moments = _micro_moments(params, x)
+    got = _run_tiny("micro")[1]
+    for name in ("bn1", "bn2", "bn3"):
+        rm = np.asarray(s0[name]["running_mean"], np.float64)
+        rv = np.asarray(s0[name]["running_var"], np.float64)
+        nbt = int(s0[name]["num_batches_tracked"])
+        for mean, var, n in moments[name]:
+            nbt += 1
+            m = 1.0 / nbt if name == "bn3" else _momentum(name, s0)
+            rm, rv = (1 - m) * rm + m * mean, (1 - m) * rv + m * var * n / (n - 1)
+        np.testing.assert_allclose(got[name]["running_mean"], rm, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[name]["running_var"], rv, rtol=1e-5, atol=1e-6)
+        assert int(got[name]["num_batches_tracked"]) == nbt
+
+
+def test_full_statistics_are_one_big_batch_update():
+    """bn1/bn3 see the data: the big-batch update on the concatenated k*B rows.
+
+    bn2 sees per-micro-batch-normalized activations: the pooled mean and unbiased
+    variance of those k*B activations (what "full" promises for deeper layers).
+    """
+    params, s0 = _tiny_init()
+    x, _ = _tiny_data()
+    got = _run_tiny("full")[1]
+    moments = _micro_moments(params, x)
+    for name in ("bn1", "bn3", "bn2"):
+        means = np.stack([mo[0] for mo in moments[name]])
+        m2 = sum(n * var for _, var, n in moments[name])
+        n_total = sum(n for *_, n in moments[name])
+        pooled_mean = means.mean(0)
+        pooled_var = (m2 + B * ((means - pooled_mean) ** 2).sum(0)) / (n_total - 1)
+        if name != "bn2":  # the same thing, straight from the concatenated data
+            flat = np.asarray(x, np.float64).reshape(K * B, 3)
+            np.testing.assert_allclose(pooled_mean, flat.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(pooled_var, flat.var(0, ddof=1), rtol=1e-12)
+        m = _momentum(name, s0)
+        rm = (1 - m) * np.asarray(s0[name]["running_mean"], np.float64) + m * pooled_mean
+        rv = (1 - m) * np.asarray(s0[name]["running_var"], np.float64) + m * pooled_var
+        # bn2's inputs carry the model's own float32 rounding (the reference is float64).
+        atol = 1e-6 if name == "bn2" else 1e-7
+        np.testing.assert_allclose(got[name]["running_mean"], rm, rtol=1e-6, atol=atol)
+        np.testing.assert_allclose(got[name]["running_var"], rv, rtol=1e-6, atol=atol)
+        assert int(got[name]["num_batches_tracked"]) == int(s0[name]["num_batches_tracked"]) + 1
+
+
+def test_corrected_statistics_match_the_closed_form():
+    """C_k = (1 - m) s0 + m_k sum_i (1 - m_k)^(k - i) b_i, with (1 - m_k)^k = 1 - m.
+
+    (bn3 uses momentum 0.2 here: "corrected" refuses momentum=None, tested below.)
+    """
+    params, s0 = _tiny_init()
+    x, t = _tiny_data()
+    got = _run_tiny("corrected")[1]
+    moments = _micro_moments(params, x)
+    for name in ("bn1", "bn2", "bn3"):
+        m = _momentum(name, s0, "corrected")
+        mk = training.corrected_momentum(m, K)
+        assert math.isclose((1 - mk) ** K, 1 - m, rel_tol=1e-14)
+        rm = (1 - m) * np.asarray(s0[name]["running_mean"], np.float64)
+        rv = (1 - m) * np.asarray(s0[name]["running_var"], np.float64)
+        for i, (mean, var, n) in enumerate(moments[name], start=1):
+            w = mk * (1 - mk) ** (K - i)
+            rm, rv = rm + w * mean, rv + w * var * n / (n - 1)
+        atol = 1e-6 if name == "bn2" else 1e-7
+        np.testing.assert_allclose(got[name]["running_mean"], rm, rtol=1e-6, atol=atol)
+        np.testing.assert_allclose(got[name]["running_var"], rv, rtol=1e-6, atol=atol)
+        assert int(got[name]["num_batches_tracked"]) == int(s0[name]["num_batches_tracked"]) + K
+
+
+def test_corrected_refuses_momentum_none_and_full_refuses_copied_stats():
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.1)
+    batch = _tiny_data()
+    args = (params, stats, opt.init(params), batch)
+    step = training.make_train_step(_tiny_loss, opt, accum_steps=K, stats_policy="corrected")
+    with pytest.raises(ValueError, match="momentum=None"):
+        jax.eval_shape(step, *args)
+
+    def copying_loss(p, s, b):
+        return _tiny_loss(p, jax.tree.map(lambda a: a * 1, s), b)
+
+    step = training.make_train_step(copying_loss, opt, accum_steps=K, stats_policy="full")
+    with pytest.raises(ValueError, match="straight from the batch_stats"):
+        jax.eval_shape(step, *args)
+
+    def twice(p, s, b):
+        y, s1 = bnjax.apply(p["bn1"], s["bn1"], b[0], True)
+        _, s2 = bnjax.apply(p["bn1"], s1, y, True)
+        return jnp.mean(y), ({**s, "bn1": s2}, None)
+
+    step = training.make_train_step(twice, opt, accum_steps=K, stats_policy="full")
+    with pytest.raises(ValueError, match="twice"):
+        jax.eval_shape(step, *args)
+
+
+def test_bad_configuration_and_batches_raise_clear_errors():
+    opt = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="accum_steps"):
+        training.make_train_step(_tiny_loss, opt, accum_steps=0)
+    with pytest.raises(ValueError, match="stats_policy"):
+        training.make_train_step(_tiny_loss, opt, accum_steps=2, stats_policy="pooled")
+    with pytest.raises(ValueError, match="grad_reduction"):
+        training.make_train_step(_tiny_loss, opt, accum_steps=2, grad_reduction="avg")
+    params, stats = _tiny_init()
+    x, t = _tiny_data()
+    step = training.make_train_step(_tiny_loss, opt, accum_steps=K)
+    with pytest.raises(ValueError, match=r"leading axis of size 4.*\(32, 3\)"):
+        jax.eval_shape(step, params, stats, opt.init(params), (x.reshape(K * B, 3), t))
+
+    def bad_loss(p, s, b):
+        loss, (new, aux) = _tiny_loss(p, s, b)
+        return loss, ({"bn1": new["bn1"]}, aux)
+
+    step = training.make_train_step(bad_loss, opt, accum_steps=K)
+    with pytest.raises(ValueError, match="structure of batch_stats"):
+        jax.eval_shape(step, params, stats, opt.init(params), (x, t))
+    assert jax.tree.map(jnp.shape, stats) == jax.tree.map(jnp.shape, _tiny_init()[1])
+
+
+def test_split_micro_batches():
+    x, t = jnp.arange(24.0).reshape(12, 2), jnp.arange(12)
+    xs, ts = training.split_micro_batches((x, t), 3)
+    assert xs.shape == (3, 4, 2) and ts.shape == (3, 4)
+    np.testing.assert_array_equal(ts[1], np.arange(4, 8))  # micro-batch i = rows [iB, iB+B)
+    with pytest.raises(ValueError, match="divisible by accum_steps=5"):
+        training.split_micro_batches((x, t), 5)
+
+
+def test_corrected_momentum_closed_form():
+    assert training.corrected_momentum(0.1, 1) == pytest.approx(0.1, rel=1e-15)
+    assert training.corrected_momentum(0.19, 2) == pytest.approx(0.1, rel=1e-14)
+    assert training.corrected_momentum(0.0, 8) == 0.0
+    assert training.corrected_momentum(1.0, 8) == 1.0
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        training.corrected_momentum(1.5, 2)
+
+
+# --------------------------------------------------------------------------- 5. structure
+
+
+def _count_eqns(jaxpr, name=None):
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += name is None or eqn.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _count_eqns(sub, name)
+    return total
+
+
+@pytest.mark.parametrize("policy", ["micro", "full"])
+def test_one_scan_whatever_k(policy):
+    """k does not unroll: one scan, one while loop, and a jaxpr that does not grow with k."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.1)
+    sizes = []
+    for k in (2, 8):
+        step = training.make_train_step(_tiny_loss, opt, accum_steps=k, stats_policy=policy)
+        args = (params, stats, opt.init(params), _tiny_data(k))
+        jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+        assert _count_eqns(jaxpr, "scan") == 1
+        hlo = jax.jit(step).lower(*args).as_text()
+        assert hlo.count("stablehlo.while") == 1
+        sizes.append(_count_eqns(jaxpr))
+    assert sizes[0] == sizes[1]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _small_net():
+    return pytest.importorskip("small_net", reason="tests/small_net.py not present")
+
+
+def _fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (run scripts/export_torch_fixtures.py)")
+    return dict(np.load(path))
+
+
+def _state_dict(fx, prefix, index=None):
+    sd = {}
+    for key, value in fx.items():
+        if key.startswith(prefix + "/"):
+            sd[key[len(prefix) + 1 :]] = value if index is None else value[index]
+    return sd
+
+
+def _assert_state_dict_close(actual, expected, rtol, atol):
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        if key.endswith("num_batches_tracked"):
+            assert int(actual[key]) == int(expected[key]), key
+        else:
+            np.testing.assert_allclose(actual[key], expected[key], rtol, atol, err_msg=key)
+
+
+def test_micro_reproduces_the_pytorch_accumulation_fixture():
+    """Scenario c: 4 micro-batches of 8 per SGD-momentum step, (loss / 4).backward()."""
+    net = _small_net()
+    fx = _fixture("c_accumulation.npz")
+    params, stats = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    opt = optax.sgd(0.1, momentum=0.9)
+    opt_state = opt.init(params)
+    step = jax.jit(training.make_train_step(net.loss_fn, opt, accum_steps=4))
+    x = net.nchw_to_nhwc(fx["x"])
+    batch = training.split_micro_batches((x, jnp.asarray(fx["y"], jnp.int32)), 3 * 4)
+    losses, logits = [], []
+    for s in range(3):
+        micro = jax.tree.map(lambda a, s=s: a[4 * s : 4 * s + 4], batch)
+        params, stats, opt_state, metrics = step(params, stats, opt_state, micro)
+        losses.append(metrics.loss)
+        logits.append(metrics.aux["logits"])
+        _assert_state_dict_close(
+            net.to_torch_state_dict(params, stats),
+            _state_dict(fx, "sd_step", s),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    np.testing.assert_allclose(np.concatenate(losses), fx["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(logits), fx["logits"], rtol=1e-4, atol=1e-5)
+    _assert_state_dict_close(
+        net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_final"), 1e-4, 1e-5
+    )
+
+
+@pytest.mark.parametrize("policy,k", [("micro", 1), ("full", 2)])
+def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
+    """Scenario d: BN in eval mode and frozen, the rest trained with SGD + momentum.
+
+    With k = 2 micro-batches of 8 the step is the same (eval-mode BN makes samples
+    independent), and the BN weights and statistics stay bit-identical either way.
+    """
+    net = _small_net()
+    fx = _fixture("d_frozen_bn.npz")
+    params0, stats0 = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    opt = training.freeze_batchnorm(optax.sgd(0.1, momentum=0.9), params0, stats0)
+    loss_fn = functools.partial(net.loss_fn, train=False)
+    step = jax.jit(training.make_train_step(loss_fn, opt, accum_steps=k, stats_policy=policy))
+    params, stats, opt_state = params0, stats0, opt.init(params0)
+    x = net.nchw_to_nhwc(fx["x"])
+    y = jnp.asarray(fx["y"], jnp.int32)
+    for s in range(4):
+        batch = training.split_micro_batches((x[16 * s : 16 * s + 16], y[16 * s : 16 * s + 16]), k)
+        params, stats, opt_state, metrics = step(params, stats, opt_state, batch)
+        np.testing.assert_allclose(jnp.mean(metrics.loss), fx["loss"][s], rtol=1e-5)
+        _assert_state_dict_close(
+            net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_step", s), 1e-4, 1e-5
+        )
+    for name in ("bn1", "bn2"):
+        for tree, tree0 in ((params, params0), (stats, stats0)):
+            for key in tree0[name]:
+                np.testing.assert_array_equal(tree[name][key], tree0[name][key])
+                assert tree[name][key].dtype == tree0[name][key].dtype
+
+
+def test_batchnorm_mask_finds_bn_params_by_their_stats_path():
+    params, stats = _tiny_init()
+    mask = training.batchnorm_mask(params, stats)
+    assert mask["bn1"] == {"weight": True, "bias": True}
+    assert mask["dense"] == {"w": False, "b": False} and mask["head"] is False
+    with pytest.raises(ValueError, match="no BatchNorm statistics"):
+        training.batchnorm_mask(params, {})
+
+
+# --------------------------------------------------------------------------- 5. memory
+
+
+def test_accumulated_step_temp_memory_is_that_of_a_micro_step():
+    """Generous bounds: k=8 micro-batches of 256 need about one micro-step's temporaries.
+
+    (benchmarks/accumulation.py measures the conv net: ~1.0x a micro-step, 0.125x
+    the big batch.)
+    """
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.1, momentum=0.9)
+    opt_state = opt.init(params)
+
+    def temp(step, batch):
+        compiled = jax.jit(step).lower(params, stats, opt_state, batch).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("no memory_analysis on this backend")
+        return analysis.temp_size_in_bytes
+
+    x, t = _tiny_data(8, 256)
+    accumulated = temp(training.make_train_step(_tiny_loss, opt, accum_steps=8), (x, t))
+    micro = temp(_plain_step(_tiny_loss, opt), (x[0], t[0]))
+    big = temp(_plain_step(_tiny_loss, opt), (x.reshape(-1, 3), t.reshape(-1)))
+    assert accumulated <= 2.0 * micro, (accumulated, micro)
+    assert accumulated <= 0.5 * big, (accumulated, big)
