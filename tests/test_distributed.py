@@ -74,3 +74,21 @@ def test_distributed_checks(tmp_path: Path) -> None:
     )
     assert not failed, f"{len(failed)}/{len(CHECKS)} distributed checks failed:\n\n{report}"
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_data_parallel_example_matches_single_device() -> None:
+    """examples/data_parallel.py (1 epoch) exits 0: its runs match the 1-device run."""
+    example = Path(__file__).parents[1] / "examples" / "data_parallel.py"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    proc = subprocess.run(
+        [sys.executable, str(example), "--epochs", "1", "--no-local-bn"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "jit + NamedSharding" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
