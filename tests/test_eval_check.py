@@ -30,10 +30,15 @@ def _cnn(variables, x, *, train_bn1, train_bn2):
     """Returns the outputs of both BatchNorms, so the check can name the layer."""
     params, stats = variables
     h = jax.lax.conv_general_dilated(
-        x, params["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x,
+        params["conv"],
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
     )
     h1, _ = bnjax.apply(params["bn1"], stats["bn1"], h, train_bn1)
-    h = jax.nn.relu(h1).mean(axis=(1, 2)) @ params["dense"]
+    h = jnp.dot(jax.nn.relu(h1).mean(axis=(1, 2)), params["dense"], precision="highest")
     h2, _ = bnjax.apply(params["bn2"], stats["bn2"], h, train_bn2)
     return {"bn1_out": h1, "logits": h2}
 

@@ -14,6 +14,8 @@ import bnjax
 from bnjax.deploy import bn_scale_shift, fold_batchnorms, fold_into_kernel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+# Exact float32 products: GPUs otherwise use TF32 passes for float32 convs and matmuls.
+HI = jax.lax.Precision.HIGHEST
 
 
 def _random_bn(rng, c, affine=True):
@@ -37,7 +39,7 @@ def _conv(x, kernel, bias, *, layout, groups):
     else:
         dn = ("NCHW", "OIHW", "NCHW")
     y = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=groups
+        x, kernel, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=groups, precision=HI
     )
     if bias is not None:
         y = y + (bias if layout == "HWIO" else bias[:, None, None])
@@ -86,9 +88,11 @@ def test_fold_dense_and_linear(layout, affine):
     bias = jnp.asarray(rng.normal(size=3), jnp.float32)
     x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
     bn_params, bn_stats = _random_bn(rng, 3, affine=affine)
-    expected, _ = bnjax.apply(bn_params, bn_stats, x @ w_io + bias, train=False)
+    expected, _ = bnjax.apply(
+        bn_params, bn_stats, jnp.dot(x, w_io, precision=HI) + bias, train=False
+    )
     k2, b2 = fold_into_kernel(kernel, bias, *bn_scale_shift(bn_params, bn_stats), layout=layout)
-    folded = x @ (k2 if layout is None else k2.T) + b2
+    folded = jnp.dot(x, k2 if layout is None else k2.T, precision=HI) + b2
     np.testing.assert_allclose(folded, expected, **TOL)
 
 
@@ -140,6 +144,7 @@ def _cnn_eval(params, stats, x):
             (1, 1),
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=HI,
             feature_group_count=groups,
         )
         return y + p["bias"] if "bias" in p else y
@@ -150,7 +155,7 @@ def _cnn_eval(params, stats, x):
     h = jax.nn.relu(bn(params.get("bn1"), stats.get("bn1"), conv(params["conv1"], x, 1)))
     blk, sblk = params["block"], stats["block"]
     h = jax.nn.relu(bn(blk.get("bn2"), sblk.get("bn2"), conv(blk["conv2"], h, 2)))
-    return h.mean(axis=(1, 2)) @ params["fc"]["kernel"] + params["fc"]["bias"]
+    return jnp.dot(h.mean(axis=(1, 2)), params["fc"]["kernel"], precision=HI) + params["fc"]["bias"]
 
 
 def test_fold_whole_cnn_end_to_end():
@@ -212,7 +217,10 @@ def test_fold_pytorch_layout_tree_from_a_state_dict():
             if bn in stats:
                 h, _ = bnjax.apply(params[bn], stats[bn], h, train=False, axis=1)
             h = jax.nn.relu(h)
-        return h.mean(axis=(2, 3)) @ params["fc"]["weight"].T + params["fc"]["bias"]
+        return (
+            jnp.dot(h.mean(axis=(2, 3)), params["fc"]["weight"].T, precision=HI)
+            + params["fc"]["bias"]
+        )
 
     fp, fs = fold_batchnorms(
         params, stats, [("conv1", "bn1"), ("conv2", "bn2")], layout="OIHW", kernel_key="weight"

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "precise_bn_update_bn.npz"
 EXPORTER = ROOT / "scripts" / "export_precise_bn_fixture.py"
 TOL = dict(rtol=2e-5, atol=1e-6)
+# Exact float32 products: GPUs otherwise use TF32 passes for float32 convs and matmuls.
+HI = jax.lax.Precision.HIGHEST
 
 # --- an MLP on (N, L, 5): bn1 over the input (n = N * L per batch) - dense - relu - bn2.
 
@@ -43,7 +45,7 @@ def _mlp_init():
 
 def _mlp(params, stats, x, bn=BN_CUMULATIVE):
     h, s1 = bn(params["bn1"], stats["bn1"], x, True)
-    h = jax.nn.relu(h @ params["dense"]["kernel"])
+    h = jax.nn.relu(jnp.dot(h, params["dense"]["kernel"], precision=HI))
     h, s2 = bn(params["bn2"], stats["bn2"], h, True)
     return h, {"bn1": s1, "bn2": s2}
 
@@ -181,7 +183,7 @@ def _torch_cnn(params, stats, x, bn):
 
     def conv(w, b, h):
         y = jax.lax.conv_general_dilated(
-            h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HI
         )
         return y + b
 
