@@ -72,6 +72,22 @@ def test_module_equals_functional_core(cfg):
     core_kw = dict(
         momentum=kw.get("momentum", 0.1), eps=kw.get("epsilon", 1e-5), axis=kw.get("axis", -1)
     )
+
+    def module_loss(p, x, s, mask, g, train):
+        y, upd = module.apply(
+            {"params": p, "batch_stats": s}, x, train=train, mask=mask, mutable=["batch_stats"]
+        )
+        return jnp.sum(y * g), (y, dict(upd.get("batch_stats", {})))
+
+    def core_loss(p, x, s, mask, g, train):
+        y, new = bnjax.apply(p, s, x, train, mask=mask, **core_kw)
+        return jnp.sum(y * g), (y, new)
+
+    # One jit per configuration and mode; `train` is static.
+    module_step, core_step = (
+        jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True), static_argnames="train")
+        for f in (module_loss, core_loss)
+    )
     mod_stats = stats
     for step, train in enumerate([True, True, True, False]):
         x = _batch(rng, shape, step + 1)
@@ -79,25 +95,8 @@ def test_module_equals_functional_core(cfg):
         mask = None
         if "mask" in cfg:
             mask = jnp.asarray(rng.uniform(size=shape[:-1]) < 0.7)
-
-        def module_loss(p, x, s=mod_stats, train=train, mask=mask, g=g):
-            y, upd = module.apply(
-                {"params": p, "batch_stats": s},
-                x,
-                train=train,
-                mask=mask,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(y * g), (y, dict(upd.get("batch_stats", {})))
-
-        def core_loss(p, x, s=stats, train=train, mask=mask, g=g):
-            y, new = bnjax.apply(p, s, x, train, mask=mask, **core_kw)
-            return jnp.sum(y * g), (y, new)
-
-        (_, (y_m, mod_stats)), grads_m = jax.value_and_grad(module_loss, (0, 1), has_aux=True)(
-            params, x
-        )
-        (_, (y_c, stats)), grads_c = jax.value_and_grad(core_loss, (0, 1), has_aux=True)(params, x)
+        (_, (y_m, mod_stats)), grads_m = module_step(params, x, mod_stats, mask, g, train=train)
+        (_, (y_c, stats)), grads_c = core_step(params, x, stats, mask, g, train=train)
         _close(y_m, y_c)
         _close(mod_stats, stats)
         _close(grads_m, grads_c)
@@ -175,25 +174,24 @@ def test_vmap_axis_name_syncs_statistics_across_the_mapped_axis():
     )
     module = VBN(axis_name="batch")
     variables = module.init(KEY, x, False)
-    y, upd = module.apply(variables, x, True, mutable=["batch_stats"])
+    y, upd = jax.jit(lambda v, x: module.apply(v, x, True, mutable=["batch_stats"]))(variables, x)
     params, stats = bnjax.init(3)
     y_full, stats_full = bnjax.apply(params, stats, x.reshape(24, 3), True)
     _close(y.reshape(24, 3), y_full, rtol=1e-5, atol=1e-5)
     _close(dict(upd["batch_stats"]), stats_full, rtol=1e-5, atol=1e-6)
     # Without axis_name each shard has its own statistics: they differ.
-    y_local, _ = nn.vmap(
+    local = nn.vmap(
         bl.BatchNorm,
         variable_axes={"params": None, "batch_stats": 0},
         split_rngs={"params": False},
         in_axes=(0, None),
-    )().apply(
+    )()
+    y_local, _ = jax.jit(lambda v, x: local.apply(v, x, True, mutable=["batch_stats"]))(
         {
             "params": variables["params"],
             "batch_stats": jax.tree.map(lambda a: jnp.stack([a] * 4), variables["batch_stats"]),
         },
         x,
-        True,
-        mutable=["batch_stats"],
     )
     assert not np.allclose(y_local.reshape(24, 3), y_full, atol=1e-3)
 
@@ -310,9 +308,10 @@ def test_train_state_loop_equals_functional_loop():
         y, s = bnjax.apply(p["bn"], s, x @ p["dense"]["kernel"] + p["dense"]["bias"], True)
         return jnp.mean((y - t) ** 2), s
 
+    core_grad = jax.jit(jax.grad(core_loss, has_aux=True))
     for x, t in zip(xs, ts, strict=True):
         state = step(state, x, t)
-        grads, stats = jax.grad(core_loss, has_aux=True)(params, stats, x, t)
+        grads, stats = core_grad(params, stats, x, t)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     _close(dict(state.params["Dense_0"]), params["dense"], rtol=1e-5, atol=1e-6)
@@ -481,8 +480,8 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     params, stats = _torch_to_flax(f, "sd_init")
     x = jnp.transpose(jnp.asarray(f["x"][:16]), (0, 2, 3, 1))
     y = jnp.asarray(f["y"][:16], jnp.int32)
-    grads, (logits, new_stats) = jax.grad(
-        lambda p: _loss(model, p, stats, x, y, False), has_aux=True
+    grads, (logits, new_stats) = jax.jit(
+        jax.grad(lambda p: _loss(model, p, stats, x, y, False), has_aux=True)
     )(params)
     _close(logits, f["logits"][0], rtol=1e-4, atol=1e-5)
     _close(dict(new_stats), stats, 0, 0)
