@@ -117,6 +117,7 @@ def make_train_step(
     accum_steps: int = 1,
     grad_reduction: Literal["mean", "sum"] = "mean",
     stats_policy: StatsPolicy = "micro",
+    unroll: int | bool = 1,
 ) -> Callable[[PyTree, PyTree, PyTree, PyTree], tuple[PyTree, PyTree, PyTree, StepMetrics]]:
     r"""Builds a pure training step that accumulates k micro-batches under one `lax.scan`.
 
@@ -167,6 +168,10 @@ def make_train_step(
       grad_reduction: `"mean"` (default) divides the summed gradients by k;
         `"sum"` matches a PyTorch loop calling `backward()` on each unscaled loss.
       stats_policy: `"micro"` (default), `"corrected"` or `"full"`, see above.
+      unroll: forwarded to `lax.scan`. Keep the default 1 (one compiled body) except
+        on XLA:CPU with convolutions, whose kernel gradients run far slower inside a
+        loop body there (jax-ml/jax#12868): `unroll=True` copies the body k times,
+        which is fast on CPU but compiles longer.
 
     Returns:
       `step(params, batch_stats, opt_state, batch) -> (params, batch_stats,
@@ -255,7 +260,7 @@ def make_train_step(
             return (grads_acc, stats_next, pool), (loss, aux)
 
         (grads_sum, stats_out, pool), (losses, auxes) = lax.scan(
-            body, (grads0, list(s0), pool0), batch, length=k
+            body, (grads0, list(s0), pool0), batch, length=k, unroll=unroll
         )
         if policy == "full":
             stats_out = _accumulate.pool_finish(pool, stats_out, layers)
