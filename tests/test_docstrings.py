@@ -10,7 +10,14 @@ import pytest
 
 import bnjax
 
-MODULES = ["bnjax._core", "bnjax._conventions"]
+MODULES = [
+    "bnjax._core",
+    "bnjax._conventions",
+    "bnjax._fold",
+    "bnjax._precise_bn",
+    "bnjax._eval_check",
+    "bnjax._checkpoint",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
