@@ -411,7 +411,7 @@ def _torch_to_flax(f, prefix, index=None, *, stats=True):
 
     def get(key):
         a = f[f"{prefix}/{key}"]
-        return jnp.asarray(a if index is None else a[index])
+        return np.asarray(a if index is None else a[index])  # NumPy: no eager jit
 
     params = {
         f"conv{i}": {
@@ -429,7 +429,7 @@ def _torch_to_flax(f, prefix, index=None, *, stats=True):
             batch_stats[f"bn{i}"] = {
                 "running_mean": get(f"bn{i}.running_mean"),
                 "running_var": get(f"bn{i}.running_var"),
-                "num_batches_tracked": get(f"bn{i}.num_batches_tracked").astype(jnp.int32),
+                "num_batches_tracked": get(f"bn{i}.num_batches_tracked").astype(np.int32),
             }
     return params, batch_stats
 
@@ -449,25 +449,30 @@ def test_small_net_reproduces_pytorch_training_fixture():
     f = _load_fixture("c_accumulation.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
-    x = jnp.transpose(jnp.asarray(f["x"]), (0, 2, 3, 1))
-    y = jnp.asarray(f["y"], jnp.int32)
+    x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
+    y = f["y"].astype(np.int32)
     grad_fn = jax.jit(jax.grad(lambda p, s, x, y: _loss(model, p, s, x, y, True), has_aux=True))
     tx = optax.sgd(0.1, momentum=0.9)  # torch SGD: buf = 0.9 buf + g; p -= 0.1 buf
     opt_state = tx.init(params)
+
+    @jax.jit
+    def sgd_step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     for step in range(3):
-        acc = jax.tree.map(jnp.zeros_like, params)
+        acc = jax.tree.map(np.zeros_like, params)
         for micro in range(4):
             k = step * 4 + micro
             rows = slice(8 * k, 8 * k + 8)
             grads, (logits, stats) = grad_fn(params, stats, x[rows], y[rows])
-            acc = jax.tree.map(lambda a, g: a + g / 4, acc, grads)
+            acc = jax.tree.map(lambda a, g: a + np.asarray(g) / 4, acc, grads)
             _close(logits, f["logits"][k], rtol=1e-4, atol=1e-5)
             _, want_stats = _torch_to_flax(f, "sd_micro", k)
             _close(dict(stats), want_stats, rtol=1e-5, atol=1e-6)
         want_grads, _ = _torch_to_flax(f, "grad_step", step, stats=False)
         _close(acc, want_grads, rtol=1e-4, atol=1e-5)
-        updates, opt_state = tx.update(acc, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = sgd_step(params, opt_state, acc)
         want_params, _ = _torch_to_flax(f, "sd_step", step)
         _close(params, want_params, rtol=1e-4, atol=1e-5)
 
@@ -478,8 +483,8 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     f = _load_fixture("d_frozen_bn.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
-    x = jnp.transpose(jnp.asarray(f["x"][:16]), (0, 2, 3, 1))
-    y = jnp.asarray(f["y"][:16], jnp.int32)
+    x = np.transpose(f["x"][:16], (0, 2, 3, 1))
+    y = f["y"][:16].astype(np.int32)
     grads, (logits, new_stats) = jax.jit(
         jax.grad(lambda p: _loss(model, p, stats, x, y, False), has_aux=True)
     )(params)

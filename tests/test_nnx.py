@@ -69,23 +69,26 @@ def test_module_equals_functional_core(cfg):
     core_kw = dict(
         momentum=kw.get("momentum", 0.1), eps=kw.get("epsilon", 1e-5), axis=kw.get("axis", -1)
     )
+
+    def module_loss(bn, x, g):
+        y = bn(x)
+        return jnp.sum(y * g), y
+
+    def core_loss(p, x, s, g, train):
+        y, new = bnjax.apply(p, s, x, train, **core_kw)
+        return jnp.sum(y * g), (y, new)
+
+    # One jit per configuration and mode (the mode is part of nnx's static graph).
+    module_step = nnx.jit(nnx.grad(module_loss, argnums=(0, 1), has_aux=True))
+    core_step = jax.jit(jax.grad(core_loss, (0, 1), has_aux=True), static_argnames="train")
     for step, train in enumerate([True, True, True, False]):
         if not train:
             bn.eval()
         assert bn.training is train
         x = _batch(rng, shape, step + 1)
         g = jnp.asarray(rng.normal(size=shape), jnp.float32)
-
-        def module_loss(bn, x, g=g):
-            y = bn(x)
-            return jnp.sum(y * g), y
-
-        def core_loss(p, x, s=stats, train=train, g=g):
-            y, new = bnjax.apply(p, s, x, train, **core_kw)
-            return jnp.sum(y * g), (y, new)
-
-        (grads_m, dx_m), y_m = nnx.grad(module_loss, argnums=(0, 1), has_aux=True)(bn, x)
-        (grads_c, dx_c), (y_c, stats) = jax.grad(core_loss, (0, 1), has_aux=True)(params, x)
+        (grads_m, dx_m), y_m = module_step(bn, x, g)
+        (grads_c, dx_c), (y_c, stats) = core_step(params, x, stats, g, train=train)
         _close(y_m, y_c)
         _close(_stats(bn), stats)
         _close(dx_m, dx_c)
@@ -188,7 +191,7 @@ def test_vmap_axis_name_syncs_statistics():
     """nnx.vmap over 4 shards with axis_name == one BatchNorm over the full batch."""
     x = _batch(np.random.default_rng(4), (4, 6, 3), 1)
     bn = bx.BatchNorm(3, axis_name="batch")
-    y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(bn, x)
+    y = nnx.jit(nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch"))(bn, x)
     params, stats = bnjax.init(3)
     y_full, stats_full = bnjax.apply(params, stats, x.reshape(24, 3), True)
     _close(y.reshape(24, 3), y_full, rtol=1e-5, atol=1e-5)
@@ -261,15 +264,21 @@ def _torch_arrays(f, prefix, index=None):
         if not key.startswith(prefix + "/"):
             continue
         module, name = key[len(prefix) + 1 :].split(".")
-        a = jnp.asarray(f[key] if index is None else f[key][index])
+        a = np.asarray(f[key] if index is None else f[key][index])  # NumPy: no eager jit
         if name == "weight" and module.startswith("conv"):
             name, a = "kernel", a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         elif name == "weight" and module == "fc":
             name, a = "kernel", a.T
         elif name == "num_batches_tracked":
-            a = a.astype(jnp.int32)
+            a = a.astype(np.int32)
         out.setdefault(module, {})[name] = a
     return out
+
+
+def _load_torch_state(model, arrays):
+    for module, named in arrays.items():
+        for name, a in named.items():
+            getattr(getattr(model, module), name).set_value(jnp.asarray(a))
 
 
 def _state_arrays(model, filt):
@@ -290,11 +299,9 @@ def test_small_net_reproduces_pytorch_training_fixture():
     gradients and parameters after every step, as PyTorch computed them."""
     f = _load_fixture("c_accumulation.npz")
     model = _SmallNet(nnx.Rngs(0))
-    for module, arrays in _torch_arrays(f, "sd_init").items():
-        for name, a in arrays.items():
-            getattr(getattr(model, module), name)[...] = a
-    x = jnp.transpose(jnp.asarray(f["x"]), (0, 2, 3, 1))
-    y = jnp.asarray(f["y"], jnp.int32)
+    _load_torch_state(model, _torch_arrays(f, "sd_init"))
+    x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
+    y = f["y"].astype(np.int32)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
 
     @nnx.jit
@@ -311,23 +318,21 @@ def test_small_net_reproduces_pytorch_training_fixture():
             k = step * 4 + micro
             rows = slice(8 * k, 8 * k + 8)
             grads, logits = micro_step(model, x[rows], y[rows])
-            acc = (
-                jax.tree.map(lambda g: g / 4, grads)
-                if acc is None
-                else jax.tree.map(lambda a, g: a + g / 4, acc, grads)
-            )
+            # Accumulated in NumPy, as torch sums .grad (no eager jit per leaf shape).
+            grads = jax.tree.map(np.asarray, grads)
+            acc = grads if acc is None else jax.tree.map(np.add, acc, grads)
             _close(logits, f["logits"][k], rtol=1e-4, atol=1e-5)
             want = _torch_arrays(f, "sd_micro", k)
             got = _state_arrays(model, nnx.BatchStat)
             _close(got, {m: {n: want[m][n] for n in got[m]} for m in got}, rtol=1e-5, atol=1e-6)
         want_grads = _torch_arrays(f, "grad_step", step)
         _close(
-            {m: {n: v[...] for n, v in sub.items()} for m, sub in acc.items()},
+            {m: {n: v[...] / 4 for n, v in sub.items()} for m, sub in acc.items()},
             want_grads,
             rtol=1e-4,
             atol=1e-5,
         )
-        apply_step(model, optimizer, acc)
+        apply_step(model, optimizer, jax.tree.map(lambda a: a / 4, acc))
         want = _torch_arrays(f, "sd_step", step)
         got = _state_arrays(model, nnx.Param)
         _close(got, {m: {n: want[m][n] for n in got[m]} for m in got}, rtol=1e-4, atol=1e-5)
@@ -338,15 +343,13 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     logits and the gradients of the convolutions and the classifier, as PyTorch's."""
     f = _load_fixture("d_frozen_bn.npz")
     model = _SmallNet(nnx.Rngs(0))
-    for module, arrays in _torch_arrays(f, "sd_init").items():
-        for name, a in arrays.items():
-            getattr(getattr(model, module), name)[...] = a
+    _load_torch_state(model, _torch_arrays(f, "sd_init"))
     model.bn1.eval()
     model.bn2.eval()
     before = _state_arrays(model, nnx.BatchStat)
-    x = jnp.transpose(jnp.asarray(f["x"][:16]), (0, 2, 3, 1))
-    y = jnp.asarray(f["y"][:16], jnp.int32)
-    grads, logits = nnx.grad(_loss, has_aux=True)(model, x, y)
+    x = np.transpose(f["x"][:16], (0, 2, 3, 1))
+    y = f["y"][:16].astype(np.int32)
+    grads, logits = nnx.jit(nnx.grad(_loss, has_aux=True))(model, x, y)
     _close(logits, f["logits"][0], rtol=1e-4, atol=1e-5)
     _close(_state_arrays(model, nnx.BatchStat), before, 0, 0)
     want = _torch_arrays(f, "grad_step", 0)
