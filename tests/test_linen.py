@@ -112,6 +112,19 @@ def test_init_leaves_statistics_untouched_and_infers_num_features():
     assert variables["params"]["weight"].shape == (7,)
 
 
+def test_dtypes():
+    """`y` has x's dtype (or `dtype`); params have `param_dtype`; statistics are float32."""
+    x = _batch(np.random.default_rng(9), (6, 3), 1).astype(jnp.bfloat16)
+    variables = bl.BatchNorm(param_dtype=jnp.bfloat16).init(KEY, x, train=False)
+    assert variables["params"]["weight"].dtype == jnp.bfloat16
+    assert variables["batch_stats"]["running_var"].dtype == jnp.float32
+    y, upd = bl.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16
+    assert upd["batch_stats"]["running_var"].dtype == jnp.float32
+    y32 = bl.BatchNorm(dtype=jnp.float32).apply(variables, x, train=False)
+    assert y32.dtype == jnp.float32
+
+
 def test_use_running_average_compatibility():
     """Flax's spelling (attribute or call) selects the same computations as `train`."""
     rng = np.random.default_rng(2)

@@ -98,6 +98,16 @@ def test_module_equals_functional_core(cfg):
         assert int(bn.num_batches_tracked[...]) == 3
 
 
+def test_dtypes():
+    """`y` has x's dtype (or `dtype`); params have `param_dtype`; statistics are float32."""
+    x = _batch(np.random.default_rng(9), (6, 3), 1).astype(jnp.bfloat16)
+    bn = bx.BatchNorm(3, param_dtype=jnp.bfloat16)
+    assert bn.weight[...].dtype == jnp.bfloat16
+    assert bn(x).dtype == jnp.bfloat16
+    assert bn.running_var[...].dtype == jnp.float32
+    assert bx.BatchNorm(3, dtype=jnp.float32)(x).dtype == jnp.float32
+
+
 class _Net(nnx.Module):
     def __init__(self, rngs):
         self.linear = nnx.Linear(5, 4, rngs=rngs)
