@@ -177,6 +177,7 @@ def variables_from_flax(
       ValueError: `variables` has no `batch_stats` collection, or a bad `n`.
 
     Example:
+      >>> import jax
       >>> import flax.linen as nn
       >>> bn = nn.BatchNorm(use_running_average=True)
       >>> flax_vars = bn.init(jax.random.key(0), jnp.ones((2, 3)))
