@@ -265,8 +265,9 @@ class BatchNorm(nn.Module):
             else:
                 raise ValueError(
                     f"bnjax.linen.BatchNorm at '{self._path()}': no '{name}' in the '{col}' "
-                    f"collection (found {sorted(present)}). Pass the variables returned by "
-                    "`model.init`" + (", including 'batch_stats'." if col == "batch_stats" else ".")
+                    f"collection (found {sorted(present)}; this module's collections: "
+                    f"{sorted(self.variables)}). Pass the variables returned by `model.init`"
+                    + (", including 'batch_stats'." if col == "batch_stats" else ".")
                 )
             if name == "num_batches_tracked":
                 shape = features  # the creator ignores it; the stored scalar is kept

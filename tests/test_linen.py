@@ -348,10 +348,15 @@ def test_training_without_mutable_batch_stats_says_how(trained):
         bl.BatchNorm().apply(variables, x, train=True)
 
 
-def test_missing_batch_stats_collection(trained):
+def test_missing_or_misnamed_batch_stats_collection(trained):
     x, variables = trained
     with pytest.raises(ValueError, match="no 'running_mean' in the 'batch_stats' collection"):
         bl.BatchNorm().apply({"params": variables["params"]}, x, train=False)
+    misnamed = {"params": variables["params"], "batch_stat": variables["batch_stats"]}
+    with pytest.raises(ValueError, match=r"collections: \['batch_stat', 'params'\]"):
+        bl.BatchNorm().apply(misnamed, x, train=False)
+    with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+        bl.BatchNorm().apply(variables, x, train=True, mutable=["batch_stat"])
 
 
 def test_unknown_variables_in_a_collection_get_the_core_key_error(trained):
