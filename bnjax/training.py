@@ -259,9 +259,16 @@ def make_train_step(
                 pool = _accumulate.pool_add(pool, s0, out, static["layers"], counts)
             return (grads_acc, stats_next, pool), (loss, aux)
 
-        (grads_sum, stats_out, pool), (losses, auxes) = lax.scan(
-            body, (grads0, list(s0), pool0), batch, length=k, unroll=unroll
-        )
+        if k == 1:  # the plain step: no loop at all
+            carry, ys = body((grads0, list(s0), pool0), jax.tree.map(lambda a: a[0], batch))
+            (grads_sum, stats_out, pool), (losses, auxes) = (
+                carry,
+                jax.tree.map(lambda a: jnp.expand_dims(a, 0), ys),
+            )
+        else:
+            (grads_sum, stats_out, pool), (losses, auxes) = lax.scan(
+                body, (grads0, list(s0), pool0), batch, length=k, unroll=unroll
+            )
         if policy == "full":
             stats_out = _accumulate.pool_finish(pool, stats_out, layers)
 

@@ -23,6 +23,7 @@ from bnjax import training
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 K, B = 4, 8
+_HI = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the tolerances are float32's
 M1, M2 = 0.1, 0.3  # momenta of bn1 (on the data) and bn2 (downstream)
 M3 = {"corrected": 0.2}  # bn3's momentum: None (cumulative) except where it cannot be
 
@@ -59,9 +60,9 @@ def _tiny_loss(params, stats, batch, m3=None):
     new = {}
     h1, new["bn1"] = bnjax.apply(params["bn1"], stats["bn1"], x, True, momentum=M1)
     h3, new["bn3"] = bnjax.apply(params["bn3"], stats["bn3"], x, True, momentum=m3)
-    z = (h1 + 0.5 * h3) @ params["dense"]["w"] + params["dense"]["b"]
+    z = jnp.dot(h1 + 0.5 * h3, params["dense"]["w"], precision=_HI) + params["dense"]["b"]
     h2, new["bn2"] = bnjax.apply(params["bn2"], stats["bn2"], z, True, momentum=M2)
-    pred = jnp.tanh(h2) @ params["head"]
+    pred = jnp.dot(jnp.tanh(h2), params["head"], precision=_HI)
     return jnp.mean((pred - t) ** 2), (new, {"pred": pred})
 
 
@@ -136,6 +137,7 @@ def test_k1_every_policy_is_the_plain_step(policy):
     loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy))
     plain = jax.jit(_plain_step(loss_fn, opt))(params, stats, opt.init(params), (x[0], t[0]))
     got = _run_tiny(policy, k=1)
+    # k = 1 runs the body once, without a loop: the same numbers as the plain step.
     _assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got[3].loss, [plain[3]], rtol=1e-6)
     assert got[3].aux["pred"].shape == (1, B)
