@@ -68,8 +68,8 @@ class BatchNorm(nn.Module):
       track_running_stats: whether to keep running statistics in `batch_stats`.
       axis: the feature axis (or a tuple of them): `-1` channels-last, `1` NCHW.
       axis_name: a named axis (`nn.vmap`, `pmap`, `shard_map`) to synchronize batch
-        statistics over, as PyTorch's `SyncBatchNorm`. Not used while initializing,
-        so `model.init` may run outside the mapped function (as in Flax).
+        statistics over, as PyTorch's `SyncBatchNorm`. `model.init` may run outside
+        the mapped function (as in Flax): the name is then ignored while initializing.
       axis_index_groups: sub-groups of `axis_name` to synchronize within.
       use_running_average: Flax-style switch, the opposite of `train`; used only when
         the call passes neither `train` nor `use_running_average`.
@@ -142,6 +142,9 @@ class BatchNorm(nn.Module):
             features = _core._feature_shape_from_num_features(self.num_features)
 
         initializing = self.is_initializing()
+        # `model.init` may run outside the mapped function (as in Flax): there the
+        # axis name is unbound and the statistics are local.
+        sync = self.axis_name is not None and (not initializing or _is_bound(self.axis_name))
         params = self._collection(
             "params",
             _core.PARAM_KEYS if self.affine else (),
@@ -181,8 +184,8 @@ class BatchNorm(nn.Module):
             momentum=self.momentum,
             eps=self.epsilon,
             axis=self.axis,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
+            axis_name=self.axis_name if sync else None,
+            axis_index_groups=self.axis_index_groups if sync else None,
             mask=mask,
         )
         # Like Flax (and like constructing a PyTorch module), `init` leaves the
@@ -277,3 +280,12 @@ class BatchNorm(nn.Module):
 
     def _path(self) -> str:
         return "/" + "/".join(str(p) for p in self.scope.path) if self.scope else "?"
+
+
+def _is_bound(axis_name: Any) -> bool:
+    """Whether `axis_name` (a name or a tuple of names) is bound where we trace."""
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        return False
+    return True

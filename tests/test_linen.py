@@ -209,6 +209,24 @@ def test_vmap_axis_name_syncs_statistics_across_the_mapped_axis():
     assert not np.allclose(y_local.reshape(24, 3), y_full, atol=1e-3)
 
 
+def test_vmap_per_example_initialized_inside_the_map():
+    """Equinox-style: vmap over single examples (1-D x); init runs under the map too."""
+    x = _batch(np.random.default_rng(10), (8, 3), 1)
+    module = nn.vmap(
+        bl.BatchNorm,
+        variable_axes={"params": None, "batch_stats": None},
+        split_rngs={"params": False},
+        in_axes=(0, None),
+        axis_name="batch",
+    )(axis_name="batch")
+    variables = module.init(KEY, x, True)
+    _close(dict(variables["batch_stats"]), bnjax.init(3)[1])
+    y, upd = jax.jit(lambda v, x: module.apply(v, x, True, mutable=["batch_stats"]))(variables, x)
+    y_full, stats_full = bnjax.apply(*bnjax.init(3), x, True)
+    _close(y, y_full, rtol=1e-5, atol=1e-5)
+    _close(dict(upd["batch_stats"]), stats_full, rtol=1e-5, atol=1e-6)
+
+
 class _Block(nn.Module):
     """BN-relu with a carry, for nn.scan."""
 
