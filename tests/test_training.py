@@ -464,3 +464,24 @@ def test_accumulated_step_temp_memory_is_that_of_a_micro_step():
     big = temp(_plain_step(_tiny_loss, opt), (x.reshape(-1, 3), t.reshape(-1)))
     assert accumulated <= 2.0 * micro, (accumulated, micro)
     assert accumulated <= 0.5 * big, (accumulated, big)
+
+
+def test_full_pools_masked_micro_batches_by_their_valid_counts():
+    """Unequal valid counts (one micro-batch has 1 valid row: left out) pool exactly."""
+    counts = np.array([8, 3, 1, 5])
+    mask = jnp.asarray(np.arange(B)[None, :] < counts[:, None])
+    x, _ = _tiny_data()
+    p, s0 = bnjax.init(3)
+
+    def loss_fn(params, stats, batch):
+        xb, mb = batch
+        y, new = bnjax.apply(params, stats, xb, True, momentum=0.2, mask=mb)
+        return jnp.mean(y**2), (new, None)
+
+    opt = optax.sgd(0.1)
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
+    got = jax.jit(step)(p, s0, opt.init(p), (x, mask))[1]
+    rows = np.concatenate([np.asarray(x[i, : counts[i]], np.float64) for i in (0, 1, 3)])
+    np.testing.assert_allclose(got["running_mean"], 0.2 * rows.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["running_var"], 0.8 + 0.2 * rows.var(0, ddof=1), rtol=1e-6)
+    assert int(got["num_batches_tracked"]) == 1
