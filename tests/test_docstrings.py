@@ -17,6 +17,9 @@ MODULES = [
     "bnjax._precise_bn",
     "bnjax._eval_check",
     "bnjax._checkpoint",
+    "bnjax.linen",
+    "bnjax.nnx",
+    "bnjax.flax_interop",
 ]
 
 
