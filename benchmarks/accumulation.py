@@ -12,8 +12,10 @@ For k in {1, 2, 4, 8} micro-batches of 32 (a conv-BN-relu x2 net on 16x16x3 inpu
   "separately jitted micro-steps" loop), interleaved round-robin and reported as
   medians, since the machine may be shared.
 
-    python benchmarks/accumulation.py                       # writes the results file
-    python benchmarks/accumulation.py --reps 30 --out -     # print only
+    python benchmarks/accumulation.py --reps 30 --out table.md    # print and write a table
+    python benchmarks/accumulation.py --stats-policy full         # print only
+
+benchmarks/accumulation_results.md collects the tables of the runs reported.
 
 Targets (issue 5): k=8 temp memory <= 1.25x one micro-step and <= 0.3x the big
 batch; accumulated time <= 1.1x the k micro-steps.
@@ -37,7 +39,6 @@ from bnjax import training
 MICRO = 32
 KS = (1, 2, 4, 8)
 HW, C_IN, CHANNELS, CLASSES = 16, 3, (16, 32), 10
-RESULTS = Path(__file__).with_name("accumulation_results.md")
 
 
 def init(key):
@@ -155,7 +156,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--stats-policy", default="micro", choices=("micro", "corrected", "full"))
-    parser.add_argument("--out", default=str(RESULTS), help="results file, or - to print only")
+    parser.add_argument("--out", default="-", help="write the table to this file (- prints only)")
     args = parser.parse_args(argv)
 
     rows = []
