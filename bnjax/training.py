@@ -187,6 +187,7 @@ def make_train_step(
         `bnjax.apply`, and `"corrected"` with `momentum=None`.
 
     Example:
+      >>> import jax, optax
       >>> def loss_fn(params, batch_stats, batch):
       ...     y, stats = bnjax.apply(params, batch_stats, batch, train=True)
       ...     return jnp.mean(y**2), (stats, None)
@@ -355,6 +356,7 @@ def freeze_batchnorm(
       ValueError: `batch_stats` holds no BatchNorm statistics.
 
     Example:
+      >>> import jax, optax
       >>> p, s = bnjax.init(3)
       >>> params, batch_stats = {"bn": p, "w": jnp.ones(3)}, {"bn": s}
       >>> opt = bnjax.training.freeze_batchnorm(optax.sgd(0.1), params, batch_stats)
