@@ -112,8 +112,9 @@ def match_layers(
                 f"bnjax.training: stats_policy={policy!r} needs each BatchNorm in loss_fn "
                 "to read its statistics straight from the batch_stats the step passes in "
                 f"(indexing is fine), but {len(records)} BatchNorm update(s) were traced and "
-                "one read other arrays (copied, cast, or under a `jax.vmap`/`jax.checkpoint` "
-                "inside loss_fn; wrap the step instead). Use stats_policy='micro' for it."
+                "one read other arrays (copied, cast, or inside a `jax.vmap`, "
+                "`jax.checkpoint` or `lax.scan` within loss_fn; wrap the step instead). "
+                "Use stats_policy='micro' for such a model."
             ) from None
         static_count = r.count if isinstance(r.count, int) else None
         layers.append(Layer(mean, var, nbt, r.momentum, static_count))

@@ -485,3 +485,41 @@ def test_full_pools_masked_micro_batches_by_their_valid_counts():
     np.testing.assert_allclose(got["running_mean"], 0.2 * rows.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["running_var"], 0.8 + 0.2 * rows.var(0, ddof=1), rtol=1e-6)
     assert int(got["num_batches_tracked"]) == 1
+
+
+def test_flax_linen_model_with_full_policy():
+    """bnjax.linen's statistics flow through Flax collections; "full" still finds them."""
+    nn = pytest.importorskip("flax.linen")
+    import bnjax.linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = bnjax.linen.BatchNorm(momentum=0.1)(x, train=train)
+            return nn.Dense(1)(x)[..., 0]
+
+    net = Net()
+    x, t = _tiny_data()
+    variables = net.init(jax.random.key(0), x[0], train=False)
+
+    def loss_fn(params, stats, batch):
+        xb, tb = batch
+        pred, updates = net.apply(
+            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+        )
+        return jnp.mean((pred - tb) ** 2), (updates["batch_stats"], None)
+
+    opt = training.freeze_batchnorm(optax.sgd(0.1), variables["params"], variables["batch_stats"])
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
+    params, stats, _, _ = jax.jit(step)(
+        variables["params"], variables["batch_stats"], opt.init(variables["params"]), (x, t)
+    )
+    got = stats["BatchNorm_0"]
+    flat = np.asarray(x, np.float64).reshape(K * B, 3)
+    np.testing.assert_allclose(got["running_mean"], 0.1 * flat.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["running_var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)
+    assert int(got["num_batches_tracked"]) == 1
+    bn0 = variables["params"]["BatchNorm_0"]
+    for key in bn0:  # frozen by freeze_batchnorm, found through the Flax collections
+        np.testing.assert_array_equal(params["BatchNorm_0"][key], bn0[key])
+    assert not np.array_equal(params["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
