@@ -54,7 +54,6 @@ class Layer(NamedTuple):
     var: int  # leaf index of running_var
     nbt: int  # leaf index of num_batches_tracked
     momentum: float | None  # static, None for a cumulative average
-    static_count: int | None  # values per feature when static (no mask), else None
 
 
 @contextlib.contextmanager
@@ -116,8 +115,7 @@ def match_layers(
                 "`jax.checkpoint` or `lax.scan` within loss_fn; wrap the step instead). "
                 "Use stats_policy='micro' for such a model."
             ) from None
-        static_count = r.count if isinstance(r.count, int) else None
-        layers.append(Layer(mean, var, nbt, r.momentum, static_count))
+        layers.append(Layer(mean, var, nbt, r.momentum))
         counts.append(r.count)
     return layers, counts
 

@@ -29,6 +29,15 @@ from jax import lax
 
 from bnjax import _accumulate
 
+__all__ = [
+    "StepMetrics",
+    "batchnorm_mask",
+    "corrected_momentum",
+    "freeze_batchnorm",
+    "make_train_step",
+    "split_micro_batches",
+]
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, tuple[PyTree, PyTree]]]
 StatsPolicy = Literal["micro", "corrected", "full"]
