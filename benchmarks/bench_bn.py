@@ -128,6 +128,9 @@ class Bench:
     times: list[float] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)
     note: str = ""
+    kernels: str = "-"
+    # Waits for the device: torch CUDA needs its own synchronize.
+    wait: Callable[[Any], Any] = jax.block_until_ready
 
 
 # ----------------------------------------------------------------------------- data
@@ -150,8 +153,25 @@ def _compile(fn: Callable, *args: Any, donate: tuple[int, ...] = ()) -> tuple[Ca
     return compiled, time.perf_counter() - t0
 
 
+HLO_SUMMARY: dict[str, str] = {}
+
+
+def _kernels(compiled: Any) -> str:
+    """Kernel count of the optimized HLO's entry: fusions, reductions, conditionals."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - a summary only
+        return "-"
+    entry = text[text.rfind("ENTRY") :]
+    fusions = entry.count(" fusion(")
+    custom = entry.count("custom-call(")
+    conds = entry.count(" conditional(")
+    return f"{fusions} fusions, {custom} custom calls, {conds} conditionals"
+
+
 def _jax_bench(name: str, fn: Callable, args: tuple, note: str = "") -> Bench:
     compiled, ct = _compile(fn, *args)
+    HLO_SUMMARY[name] = _kernels(compiled)
     return Bench(name, lambda: compiled(*args), ct, note=note)
 
 
@@ -190,7 +210,7 @@ def make_bnjax_linen(case: Case, workload: str, x: np.ndarray, g: np.ndarray) ->
     if bnjax_linen is None or not hasattr(bnjax_linen, "BatchNorm"):
         return None
     try:
-        module = bnjax_linen.BatchNorm(momentum=MOMENTUM, eps=EPS)
+        module = bnjax_linen.BatchNorm(momentum=MOMENTUM, epsilon=EPS)
     except TypeError:
         module = bnjax_linen.BatchNorm()
     return _linen_bench("bnjax.linen.BatchNorm", module, case, workload, x, g)
@@ -310,14 +330,12 @@ def _torch_bench(
     w = torch.ones(c, device=device, requires_grad=True)
     b = torch.zeros(c, device=device, requires_grad=True)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     if workload == "train_fwd":
 
         def call():
             with torch.no_grad():
                 y = F.batch_norm(xt, rm, rv, w, b, True, MOMENTUM, EPS)
-            sync()
             return y
 
     elif workload == "eval_fwd":
@@ -325,7 +343,6 @@ def _torch_bench(
         def call():
             with torch.no_grad():
                 y = F.batch_norm(xt, rm, rv, w, b, False, MOMENTUM, EPS)
-            sync()
             return y
 
     else:
@@ -334,19 +351,19 @@ def _torch_bench(
         def call():
             y = F.batch_norm(xr, rm, rv, w, b, True, MOMENTUM, EPS)
             grads = torch.autograd.grad(y, (xr, w, b), gt)
-            sync()
             return y, grads
 
+    wait = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda out: out)
     t0 = time.perf_counter()
     try:
-        call()
+        wait(call())
     except RuntimeError as e:  # e.g. a dtype combination this torch build lacks
         print(f"  torch skipped: {e}", file=sys.stderr)
         return None
     ct = time.perf_counter() - t0
     name = f"torch F.batch_norm ({device})"
     note = "channels_last" if channels_last else "NCHW"
-    return Bench(name + (" CL" if channels_last else ""), call, ct, note=note)
+    return Bench(name + (" CL" if channels_last else ""), call, ct, note=note, wait=wait)
 
 
 def make_torch(case, workload, x, g, device="cpu"):
@@ -401,8 +418,7 @@ FLOORS = [("floor_inplace", make_floor_inplace), ("floor_affine", make_floor_aff
 
 def _calibrate(bench: Bench, target_s: float) -> int:
     t0 = time.perf_counter()
-    out = bench.call()
-    jax.block_until_ready(out)
+    bench.wait(bench.call())
     dt = max(time.perf_counter() - t0, 1e-6)
     return max(1, min(200, int(target_s / dt)))
 
@@ -433,7 +449,7 @@ def run_case(
     reps = {}
     for b in benches:
         for _ in range(2):
-            jax.block_until_ready(b.call())
+            b.wait(b.call())
         reps[b.name] = _calibrate(b, target_s)
     for trial in range(trials):
         order = benches[trial % len(benches) :] + benches[: trial % len(benches)]
@@ -443,16 +459,18 @@ def run_case(
             t0 = time.perf_counter()
             if sync_each:
                 for _ in range(n):
-                    jax.block_until_ready(b.call())
+                    b.wait(b.call())
             else:
                 out = None
                 for _ in range(n):
                     out = b.call()
-                jax.block_until_ready(out)
+                b.wait(out)
             dt = time.perf_counter() - t0
             f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             b.times.append(dt / n)
             b.faults.append((f1 - f0) / n)
+    for b in benches:
+        b.kernels = HLO_SUMMARY.pop(b.name, "-")
     return benches
 
 
@@ -559,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--cases", default="", help="indices into the case list, e.g. 0,3")
     ap.add_argument("--out", default=None, help="results file (default by mode)")
+    ap.add_argument("--kernels", action="store_true", help="print each one's kernel count")
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
@@ -591,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             results[(case.label, workload)] = benches
             print(table(case, workload, benches) + "\n", flush=True)
+            if args.kernels:
+                for b in benches:
+                    print(f"  kernels {b.name}: {b.kernels}")
     print(summary(results))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 

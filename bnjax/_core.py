@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _stats
+from bnjax import _fused, _stats
 from bnjax._validate import (
     check_hyperparameters,
     check_keys,
@@ -178,7 +178,18 @@ def apply(
             )
 
     # --- the maths.
-    if use_batch_stats:
+    if (
+        use_batch_stats
+        and mask is None
+        and axis_name is None
+        and _fused.supports(x, reduce_axes)
+        and not _stats._sharded_explicitly(x, reduce_axes)
+    ):
+        # The fast path: fused statistics and a closed-form derivative (`_fused.py`).
+        y, moments = _fused.batch_norm_train(
+            x, params.get("weight"), params.get("bias"), eps=eps, reduce_axes=reduce_axes
+        )
+    elif use_batch_stats:
         moments = _stats.batch_moments(
             x,
             reduce_axes,
@@ -186,19 +197,11 @@ def apply(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
-        mean, var = moments.mean, moments.var
+        y = _normalize(params, x, moments.mean, moments.var, eps, axes)
     else:
-        mean, var = batch_stats["running_mean"], batch_stats["running_var"]
-
-    y = _stats.normalize(
-        x,
-        mean,
-        var,
-        params.get("weight"),
-        params.get("bias"),
-        eps=eps,
-        axes=axes,
-    )
+        y = _normalize(
+            params, x, batch_stats["running_mean"], batch_stats["running_var"], eps, axes
+        )
 
     if train and batch_stats:
         new_batch_stats = _update_running_stats(batch_stats, moments, momentum)
@@ -208,6 +211,14 @@ def apply(
     else:
         new_batch_stats = dict(batch_stats)
     return y, new_batch_stats
+
+
+def _normalize(
+    params: Params, x: Array, mean: Array, var: Array, eps: float, axes: tuple[int, ...]
+) -> Array:
+    return _stats.normalize(
+        x, mean, var, params.get("weight"), params.get("bias"), eps=eps, axes=axes
+    )
 
 
 def _update_running_stats(
