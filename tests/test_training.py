@@ -523,3 +523,16 @@ def test_flax_linen_model_with_full_policy():
     for key in bn0:  # frozen by freeze_batchnorm, found through the Flax collections
         np.testing.assert_array_equal(params["BatchNorm_0"][key], bn0[key])
     assert not np.array_equal(params["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
+
+
+def test_accumulation_vs_torch_example(capsys):
+    """Exits 0: with torch, the largest difference is < 1e-4; without, it says so."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "accumulation_vs_torch.py"
+    spec = importlib.util.spec_from_file_location("accumulation_vs_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    assert "largest difference" in out or "PyTorch is not installed" in out
