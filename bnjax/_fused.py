@@ -90,9 +90,20 @@ def _copies(v: Array, k: int) -> tuple[Array, ...]:
 
     XLA:CPU materializes a full-size broadcast of a vector that feeds several
     reductions or loops; giving each consumer its own copy keeps the broadcast
-    inside each fused kernel. Costs nothing: the copies are C values.
+    inside each fused kernel. Costs nothing: the copies are C values. Other
+    backends get `v` itself: a barrier there would split XLA:GPU's multi-output
+    fusion of sibling reductions.
     """
-    return lax.optimization_barrier((v,) * k)
+    return _split(v, k)
+
+
+def _split(v: Array, k: int) -> tuple[Array, ...]:
+    """`k` barrier-separated aliases of `v` on CPU, `(v,) * k` elsewhere."""
+    return lax.platform_dependent(
+        v,
+        cpu=lambda v: lax.optimization_barrier((v,) * k),
+        default=lambda v: (v,) * k,
+    )
 
 
 def _upcasts(x: Array, dtype: Any, k: int) -> tuple[Array, ...]:
@@ -105,7 +116,7 @@ def _upcasts(x: Array, dtype: Any, k: int) -> tuple[Array, ...]:
     """
     if x.dtype == dtype:
         return (x,) * k
-    return tuple(c.astype(dtype) for c in lax.optimization_barrier((x,) * k))
+    return tuple(c.astype(dtype) for c in _split(x, k))
 
 
 def _sum(v: Array, reduce_axes: tuple[int, ...]) -> Array:
@@ -213,7 +224,7 @@ def _bn_train_jvp(
     dtype = mean.dtype
     rstd, a = _scale(var, weight, eps)
     mean_y, mean_r, mean_t = _copies(mean, 3)
-    x_y, x_r, x_t = (x,) * 3 if x.dtype == dtype else lax.optimization_barrier((x,) * 3)
+    x_y, x_r, x_t = (x,) * 3 if x.dtype == dtype else _split(x, 3)
     y = _affine(x_y, mean_y, a, bias, reduce_axes)
 
     # Per-feature coefficients of dy = a dx + (x - mean) t + u.
