@@ -148,16 +148,63 @@ def run(k, reps, stats_policy):
     return mem, {name: statistics.median(t) for name, t in times.items()}
 
 
+def bare_scan_step(optimizer):
+    """A bare `lax.scan` of `value_and_grad(loss_fn)`: no statistics policy, no checks."""
+
+    def step(params, stats, opt_state, batch):
+        def body(carry, mb):
+            grads_acc, s = carry
+            (loss, (s, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, s, mb)
+            return (jax.tree.map(lambda a, b: a + b, grads_acc, g), s), loss
+
+        zeros = jax.tree.map(lambda p: p * 0, params)
+        (grads, stats), losses = jax.lax.scan(body, (zeros, stats), batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, losses
+
+    return step
+
+
+def memory_probe(k):
+    """Temporaries of make_train_step vs a bare scan vs one micro-step (MiB)."""
+    params, stats = init(jax.random.key(0))
+    opt = optax.sgd(0.01, momentum=0.9)
+    batch = data(jax.random.key(1), k, MICRO)
+    args = (params, stats, opt.init(params))
+    accum = training.make_train_step(loss_fn, opt, accum_steps=k)
+    mib = {
+        "make_train_step": temp_bytes(accum, *args, batch),
+        "bare lax.scan": temp_bytes(bare_scan_step(opt), *args, batch),
+        "one micro-step": temp_bytes(plain_step(opt), *args, jax.tree.map(lambda a: a[0], batch)),
+    }
+    print(f"k={k}, {HW}x{HW}x{C_IN}, channels {CHANNELS}, micro-batch {MICRO}:")
+    for name, b in mib.items():
+        print(f"  temp {name:16s} {fmt_bytes(b)}")
+
+
 def fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:.2f} MiB"
 
 
 def main(argv=None):
+    global HW, CHANNELS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--stats-policy", default="micro", choices=("micro", "corrected", "full"))
     parser.add_argument("--out", default="-", help="write the table to this file (- prints only)")
+    parser.add_argument("--hw", type=int, default=HW, help="input height and width")
+    parser.add_argument("--channels", default=",".join(map(str, CHANNELS)))
+    parser.add_argument(
+        "--memory-probe",
+        action="store_true",
+        help="only compare the temporaries of make_train_step, a bare lax.scan and one "
+        "micro-step at k=8",
+    )
     args = parser.parse_args(argv)
+    HW, CHANNELS = args.hw, tuple(int(c) for c in args.channels.split(","))
+    if args.memory_probe:
+        memory_probe(8)
+        return []
 
     rows = []
     for k in KS:
