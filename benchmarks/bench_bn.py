@@ -169,9 +169,16 @@ def _kernels(compiled: Any) -> str:
     return f"{fusions} fusions, {custom} custom calls, {conds} conditionals"
 
 
+DUMP = {"dir": None, "label": ""}  # --dump-hlo: where to write optimized HLO, and for what
+
+
 def _jax_bench(name: str, fn: Callable, args: tuple, note: str = "") -> Bench:
     compiled, ct = _compile(fn, *args)
     HLO_SUMMARY[name] = _kernels(compiled)
+    if DUMP["dir"] and name in ("bnjax.apply", "flax.linen.BatchNorm"):
+        fname = f"{name.split('.')[0]}_{DUMP['label']}.txt".replace(" ", "")
+        with open(os.path.join(DUMP["dir"], fname), "w") as f:
+            f.write(compiled.as_text())
     return Bench(name, lambda: compiled(*args), ct, note=note)
 
 
@@ -433,6 +440,7 @@ def run_case(
     torch_device: str,
 ) -> list[Bench]:
     x, g = _data(case)
+    DUMP["label"] = f"{workload}_{'x'.join(map(str, case.shape))}_{case.dtype}"
     benches: list[Bench] = []
     for key, make in impls:
         try:
@@ -547,9 +555,11 @@ def summary(results: dict) -> str:
         floor = med.get("floor: x*a+b per channel")
         peers = {k: v for k, v in med.items() if not k.startswith(("bnjax", "floor"))}
         best = min(peers, key=peers.get) if peers else "-"
+        nan = float("nan")
+        bj, fl, floor = bj or nan, fl or nan, floor or nan
         lines.append(
             f"| {label} | {workload} | {bj:.3f} | {fl:.3f} | {bj / fl:.2f} | "
-            f"{bj / floor:.2f} | {best} ({peers.get(best, float('nan')):.3f}) |"
+            f"{bj / floor:.2f} | {best} ({peers.get(best, nan):.3f}) |"
         )
     return "\n".join(lines)
 
@@ -578,9 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cases", default="", help="indices into the case list, e.g. 0,3")
     ap.add_argument("--out", default=None, help="results file (default by mode)")
     ap.add_argument("--kernels", action="store_true", help="print each one's kernel count")
+    ap.add_argument("--dump-hlo", default=None, help="folder for bnjax/flax optimized HLO")
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
+    DUMP["dir"] = args.dump_hlo
     cases = GPU_CASES if args.gpu else CPU_CASES
     if args.quick:
         cases = cases[:1]
