@@ -326,6 +326,7 @@ def test_bad_options_and_trees_raise_clearly():
 # --------------------------------------------------------------------------- with torch
 
 
+@pytest.mark.torch
 def test_real_torch_model_round_trip():
     torch = pytest.importorskip("torch", reason="torch is not installed (optional check)")
     from torch import nn

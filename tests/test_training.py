@@ -525,6 +525,7 @@ def test_flax_linen_model_with_full_policy():
     assert not np.array_equal(params["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
 
 
+@pytest.mark.torch
 def test_accumulation_vs_torch_example(capsys):
     """Exits 0: with torch, the largest difference is < 1e-4; without, it says so."""
     import importlib.util
