@@ -20,6 +20,8 @@ MODULES = [
     "bnjax.linen",
     "bnjax.nnx",
     "bnjax.flax_interop",
+    "bnjax.training",
+    "bnjax.interop",
 ]
 
 
