@@ -6,8 +6,9 @@ The core is two pure functions:
     y, batch_stats = bnjax.apply(params, batch_stats, x, train=True)
 
 Optional parts live in submodules that pull in their own dependencies:
-`bnjax.linen` / `bnjax.nnx` (Flax), `bnjax.training` (optax), `bnjax.interop`
-(PyTorch state_dict, NumPy only), `bnjax.deploy` (folding, precise BN, checks).
+`bnjax.linen` / `bnjax.nnx` (Flax modules), `bnjax.flax_interop` (Flax variable
+trees), `bnjax.training` (optax), `bnjax.interop` (PyTorch state_dict, NumPy only),
+`bnjax.deploy` (folding, precise BN, the eval-trap check, checkpoints).
 """
 
 from importlib.metadata import PackageNotFoundError, version
