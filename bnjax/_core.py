@@ -199,8 +199,15 @@ def apply(
         )
         y = _normalize(params, x, moments.mean, moments.var, eps, axes)
     else:
-        y = _normalize(
-            params, x, batch_stats["running_mean"], batch_stats["running_var"], eps, axes
+        # Eval: one multiply-add per element, scale and shift folded first.
+        y = _fused.batch_norm_eval(
+            x,
+            batch_stats["running_mean"],
+            batch_stats["running_var"],
+            params.get("weight"),
+            params.get("bias"),
+            eps=eps,
+            reduce_axes=reduce_axes,
         )
 
     if train and batch_stats:
