@@ -1,0 +1,139 @@
+"""The fast training path (`bnjax/_fused.py`) against the general path and closed forms.
+
+`apply` without `mask`/`axis_name` takes the fused path (closed-form `custom_jvp`,
+guarded raw moments on CPU); with an all-True mask it takes the general path
+(`batch_moments` + autodiff). Both must give the same numbers, derivatives included.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from reference import ref_batchnorm
+
+import bnjax
+
+
+def _general(params, stats, x, axis):
+    """`apply` forced onto the general path by an all-True mask."""
+    axes = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    mask = jnp.ones([d for i, d in enumerate(x.shape) if i not in axes], bool)
+    return bnjax.apply(params, stats, x, True, axis=axis, mask=mask)
+
+
+def _params(rng, features, affine):
+    if not affine:
+        return {}
+    return {
+        "weight": jnp.asarray(rng.uniform(0.5, 1.5, features), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=features), jnp.float32),
+    }
+
+
+CASES = [
+    ((8, 5, 6, 4), -1, "float32", True),
+    ((6, 3, 5), 1, "float32", False),
+    ((7, 4, 3, 2), (1, 3), "float32", True),
+    ((16, 8), -1, "bfloat16", True),
+]
+
+
+@pytest.mark.parametrize("shape, axis, dtype, affine", CASES)
+@pytest.mark.parametrize("mean", [0.3, 1e3])  # raw moments, and the shifted fallback
+def test_fast_path_matches_general_path(shape, axis, dtype, affine, mean):
+    rng = np.random.default_rng(0)
+    axes = (axis,) if isinstance(axis, int) else axis
+    features = tuple(shape[a] for a in axes)
+    params = _params(rng, features, affine)
+    _, stats = bnjax.init(features if len(features) > 1 else features[0])
+    x = jnp.asarray(mean + 2 * rng.normal(size=shape), dtype)
+    g = jnp.asarray(rng.normal(size=shape), dtype)
+
+    def fast(p, x):
+        return bnjax.apply(p, stats, x, True, axis=axis)
+
+    def general(p, x):
+        return _general(p, stats, x, axis)
+
+    def with_grads(f):
+        (y, new), vjp = jax.vjp(f, params, x)
+        return y, new, vjp((g, jax.tree.map(jnp.zeros_like, new)))
+
+    y1, s1, g1 = jax.jit(lambda: with_grads(fast))()
+    y2, s2, g2 = jax.jit(lambda: with_grads(general))()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    if mean > 100:
+        tol = max(tol, 1e-3)  # x itself carries float32 rounding of its large mean
+    f32 = lambda t: np.asarray(t, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(y1), f32(y2), rtol=tol, atol=tol)
+    for key in s1:
+        np.testing.assert_allclose(s1[key], s2[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        scale = max(1.0, float(np.abs(f32(b)).max()))
+        np.testing.assert_allclose(f32(a), f32(b), rtol=10 * tol, atol=10 * tol * scale)
+
+
+@pytest.mark.parametrize("mean", [0.3, 50.0])
+def test_second_order_forward_and_reverse(mean):
+    """jvp-of-grad and grad-of-grad of the custom_jvp, numerically checked in float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(mean + rng.normal(size=(6, 3)), jnp.float64)
+        w = jnp.asarray(rng.uniform(0.5, 2, 3))
+        b = jnp.asarray(rng.normal(size=3))
+        g = jnp.asarray(rng.normal(size=(6, 3)))
+
+        def f(x, w, b):
+            y, _ = bnjax.apply({"weight": w, "bias": b}, {}, x, True)
+            return jnp.sum(jnp.sin(y) * g)
+
+        check_grads(jax.jit(f), (x, w, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+
+def test_transforms_compose():
+    """grad under vmap, checkpoint and scan agrees with the plain per-example grad."""
+    rng = np.random.default_rng(2)
+    xs = jnp.asarray(rng.normal(size=(3, 8, 4)), jnp.float32)
+    params, _ = bnjax.init(4)
+
+    def loss(x):
+        return jnp.sum(jnp.sin(bnjax.apply(params, {}, x, True)[0]))
+
+    plain = jnp.stack([jax.grad(loss)(x) for x in xs])
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss)))(xs), plain, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(jax.grad(jax.checkpoint(loss))))(xs), plain, atol=1e-5
+    )
+    scanned = jax.grad(lambda xs: jax.lax.scan(lambda c, x: (c + loss(x), None), 0.0, xs)[0])
+    np.testing.assert_allclose(jax.jit(scanned)(xs), plain, atol=1e-5)
+
+
+def test_parameter_only_gradient_skips_dx():
+    """Differentiating only the parameters (symbolic zero dx) gives the same grads."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
+    params = _params(rng, (4,), True)
+    both = jax.grad(lambda p, x: jnp.sum(bnjax.apply(p, {}, x, True)[0] * g))(params, x)
+    only = jax.grad(lambda p: jnp.sum(bnjax.apply(p, {}, x, True)[0] * g))(params)
+    for k in params:
+        np.testing.assert_allclose(only[k], both[k], rtol=1e-6, atol=1e-6)
+
+
+def test_eval_folded_matches_reference():
+    """Eval folds scale and shift first; it still matches the float64 reference."""
+    rng = np.random.default_rng(4)
+    x = (0.5 + 2 * rng.normal(size=(32, 5))).astype(np.float32)
+    params = _params(rng, (5,), True)
+    stats = {
+        "running_mean": jnp.asarray(rng.normal(size=5), jnp.float32),
+        "running_var": jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32),
+        "num_batches_tracked": jnp.asarray(3, jnp.int32),
+    }
+    y, new = jax.jit(bnjax.apply, static_argnames="train")(params, stats, x, train=False)
+    np_stats = {k: np.asarray(v) for k, v in stats.items()}
+    np_params = [np.asarray(params[k]) for k in ("weight", "bias")]
+    y_ref, _ = ref_batchnorm(x, *np_params, np_stats, train=False)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-6, atol=2e-6)
+    assert new["num_batches_tracked"] == 3
