@@ -42,53 +42,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
 
-import bnjax  # noqa: E402
-
-CHANNELS = (16, 32)
-
-
-def init_model(key: jax.Array, num_classes: int = 10):
-    """Parameters and BatchNorm statistics of conv(3x3)-BN-ReLU x2, pool, dense."""
-    params, batch_stats = {}, {}
-    c_in = 1
-    keys = jax.random.split(key, len(CHANNELS) + 1)
-    for i, c_out in enumerate(CHANNELS):
-        fan_in = 3 * 3 * c_in
-        kernel = jax.random.normal(keys[i], (3, 3, c_in, c_out)) * jnp.sqrt(2.0 / fan_in)
-        bn_params, bn_stats = bnjax.init(c_out)
-        params[f"block{i}"] = {"conv": kernel, "bn": bn_params}
-        batch_stats[f"block{i}"] = {"bn": bn_stats}
-        c_in = c_out
-    w = jax.random.normal(keys[-1], (c_in, num_classes)) * jnp.sqrt(1.0 / c_in)
-    params["head"] = {"kernel": w, "bias": jnp.zeros(num_classes)}
-    return params, batch_stats
+# The model and data of the main example (this folder is on sys.path as a script).
+import train_digits  # noqa: E402
+from train_digits import init_model, load_data  # noqa: E402
 
 
 def forward(params, batch_stats, x, train: bool, axis_name=None):
-    """Logits for NHWC images and the updated BatchNorm statistics.
-
-    The only difference between the single-device and the data-parallel model is
-    `axis_name`, handed to every `bnjax.apply`.
-    """
-    new_stats = {}
-    for i in range(len(CHANNELS)):
-        block = params[f"block{i}"]
-        x = jax.lax.conv_general_dilated(
-            x, block["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        x, stats = bnjax.apply(
-            block["bn"], batch_stats[f"block{i}"]["bn"], x, train, axis_name=axis_name
-        )
-        new_stats[f"block{i}"] = {"bn": stats}
-        x = jax.nn.relu(x)
-        if i == 0:
-            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    x = x.mean(axis=(1, 2))
-    logits = x @ params["head"]["kernel"] + params["head"]["bias"]
-    return logits, new_stats
+    """The model of `train_digits.py`; the only difference between the single-device
+    and the data-parallel model is `axis_name`, handed to every `bnjax.apply`."""
+    return train_digits.forward(params, batch_stats, x, train, axis_name=axis_name)
 
 
 def make_single_device_step(optimizer):
@@ -174,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = jax.make_mesh((n_dev,), ("data",))
     print(f"{n_dev} devices ({jax.devices()[0].platform}), global batch {args.batch_size}")
 
-    digits = load_digits()
-    x_all = (digits.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1), NHWC
-    x_train, x_test, y_train, y_test = train_test_split(
-        x_all, digits.target.astype(np.int32), test_size=0.25, random_state=args.seed
-    )
+    x_train, x_test, y_train, y_test = load_data(args.seed)
     rng = np.random.default_rng(args.seed)
     steps = len(x_train) // args.batch_size
     batches = [  # the same global batches for every run

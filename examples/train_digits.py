@@ -43,15 +43,20 @@ def init_model(key: jax.Array, num_classes: int = 10):
     return params, batch_stats
 
 
-def forward(params, batch_stats, x, train: bool):
-    """Logits for NHWC images, and the updated BatchNorm statistics."""
+def forward(params, batch_stats, x, train: bool, axis_name=None):
+    """Logits for NHWC images, and the updated BatchNorm statistics.
+
+    `axis_name` (used by `data_parallel.py`) synchronizes BatchNorm over a named axis.
+    """
     new_stats = {}
     for i in range(len(CHANNELS)):
         block = params[f"block{i}"]
         x = jax.lax.conv_general_dilated(
             x, block["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        x, stats = bnjax.apply(block["bn"], batch_stats[f"block{i}"]["bn"], x, train)
+        x, stats = bnjax.apply(
+            block["bn"], batch_stats[f"block{i}"]["bn"], x, train, axis_name=axis_name
+        )
         new_stats[f"block{i}"] = {"bn": stats}
         x = jax.nn.relu(x)
         if i == 0:
