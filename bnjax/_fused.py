@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -295,10 +296,36 @@ def _bn_train_jvp(
         dvar = 2 * cov  # d var = 2 E[(x - mean) dx]
         t = t - a * rstd * rstd * cov
         u = u - a * dmean
-        dy = dxf * _bcast(a, x, reduce_axes)
-        dy = dy + (x_t.astype(dtype) - _bcast(mean_t, x, reduce_axes)) * _bcast(t, x, reduce_axes)
-        dy = dy + _bcast(u, x, reduce_axes)
+        terms = (
+            dxf * _bcast(a, x, reduce_axes),
+            (x_t.astype(dtype) - _bcast(mean_t, x, reduce_axes)) * _bcast(t, x, reduce_axes),
+            _bcast(u, x, reduce_axes),
+        )
+        if x.dtype != dtype:
+            return (y, mean, var), (_sum_low_precision(terms, x.dtype), dmean, dvar)
+        dy = terms[0] + terms[1] + terms[2]
     return (y, mean, var), (dy.astype(x.dtype), dmean, dvar)
+
+
+def _sum_low_precision(terms: tuple[Array, ...], dtype: Any) -> Array:
+    """`sum(terms)` cast to a low-precision `dtype`, laid out for reverse mode on CPU.
+
+    The transpose of one cast is one upcast of the cotangent `g` that feeds two
+    reductions and the `dx` pass; XLA:CPU writes such a shared upcast to memory in
+    float32. Casting each term on its own, behind a barrier, transposes to one upcast
+    per consumer, each fused into its kernel. Reverse mode is unchanged in value; a
+    forward-mode tangent is rounded per term (a few low-precision ulps).
+    """
+    full = jnp.broadcast_shapes(*(t.shape for t in terms))
+
+    def split(*ts: Array) -> Array:
+        parts = lax.optimization_barrier(tuple(jnp.broadcast_to(t, full).astype(dtype) for t in ts))
+        return functools.reduce(operator.add, parts)
+
+    def plain(*ts: Array) -> Array:
+        return functools.reduce(operator.add, ts).astype(dtype)
+
+    return lax.platform_dependent(*terms, cpu=split, default=plain)
 
 
 _bn_train.defjvp(_bn_train_jvp, symbolic_zeros=True)
