@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-# Pinned before torch is imported: they pick kernels at load time.
-_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
-for _k, _v in _ENV.items():
-    os.environ[_k] = _v
+# The main exporter pins the kernel-selecting environment before it imports torch,
+# and defines the small CNN (the SmallNet of scenarios c and d) used here too.
+from export_torch_fixtures import _ENV
+from export_torch_fixtures import SmallNet as SmallCNN
+from export_torch_fixtures import _state_dict as _state
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.optim.swa_utils import update_bn  # noqa: E402
+# isort: split
+import torch
+from torch.optim.swa_utils import update_bn
 
 COMMAND = (
     "python scripts/export_precise_bn_fixture.py --out tests/fixtures/precise_bn_update_bn.npz"
@@ -46,25 +46,6 @@ COMMAND = (
 SEED = 0
 BATCH_SIZES = (5, 5, 5, 3)
 IMAGE = (1, 6, 6)
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def _state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def build() -> dict[str, np.ndarray]:
