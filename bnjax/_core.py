@@ -197,7 +197,8 @@ def apply(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
-        y = _normalize(params, x, moments.mean, moments.var, eps, axes)
+        _, a = _stats.fold_scale(moments.var, params.get("weight"), eps)
+        y = _stats.affine(x, moments.mean, a, params.get("bias"), reduce_axes)
     else:
         # Eval: one multiply-add per element, scale and shift folded first.
         y = _fused.batch_norm_eval(
@@ -218,14 +219,6 @@ def apply(
     else:
         new_batch_stats = dict(batch_stats)
     return y, new_batch_stats
-
-
-def _normalize(
-    params: Params, x: Array, mean: Array, var: Array, eps: float, axes: tuple[int, ...]
-) -> Array:
-    return _stats.normalize(
-        x, mean, var, params.get("weight"), params.get("bias"), eps=eps, axes=axes
-    )
 
 
 def _update_running_stats(
@@ -303,4 +296,3 @@ def _check_tree_shapes(
                 "bnjax.apply: batch_stats['num_batches_tracked'] must be a scalar, "
                 f"got shape {np.shape(nbt)}."
             )
-

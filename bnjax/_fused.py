@@ -1,7 +1,7 @@
 """Training-mode BatchNorm with a closed-form derivative: the fast path of `apply`.
 
 `batch_norm_train` computes the same numbers as `_stats.batch_moments` followed by
-`_stats.normalize`, but it is laid out for the compiler:
+`_stats.fold_scale` and `_stats.affine`, but it is laid out for the compiler:
 
 * Statistics in as few sweeps over `x` as the backend allows (see `_moments`).
 * `y = (x - mean) * (rsqrt(var + eps) * weight) + bias`: the per-feature scale is
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from bnjax._stats import Moments, stats_dtype
+from bnjax._stats import Moments, affine, fold_scale, per_feature, stats_dtype
 
 Array = jax.Array
 
@@ -84,11 +84,6 @@ def batch_norm_train(
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-def _bcast(v: Array, x: Array, reduce_axes: tuple[int, ...]) -> Array:
-    """A features'-shape array reshaped to broadcast against `x`."""
-    return jnp.expand_dims(v, reduce_axes)
 
 
 def _copies(v: Array, k: int) -> tuple[Array, ...]:
@@ -136,8 +131,8 @@ def _shifted_moments(
     dtype = stats_dtype(x.dtype)
     k1, k2 = _copies(shift, 2)
     xf1, xf2 = _upcasts(x, dtype, 2)
-    s1 = _sum(xf1 - _bcast(k1, x, reduce_axes), reduce_axes)
-    d2 = xf2 - _bcast(k2, x, reduce_axes)
+    s1 = _sum(xf1 - per_feature(k1, reduce_axes), reduce_axes)
+    d2 = xf2 - per_feature(k2, reduce_axes)
     s2 = _sum(d2 * d2, reduce_axes)
     m = s1 / n
     return shift + m, jnp.maximum(s2 / n - m * m, 0)
@@ -191,24 +186,6 @@ def _moments(x: Array, reduce_axes: tuple[int, ...]) -> tuple[Array, Array]:
     )
 
 
-def _scale(var: Array, weight: Array | None, eps: float) -> tuple[Array, Array]:
-    """rstd = rsqrt(var + eps) and the folded scale a = rstd * weight."""
-    rstd = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-    a = rstd if weight is None else rstd * weight.astype(var.dtype)
-    return rstd, a
-
-
-def _affine(
-    x: Array, mean: Array, a: Array, bias: Array | None, reduce_axes: tuple[int, ...]
-) -> Array:
-    """y = (x - mean) * a + bias, computed in the statistics' dtype, cast to x's."""
-    dtype = mean.dtype
-    y = (x.astype(dtype) - _bcast(mean, x, reduce_axes)) * _bcast(a, x, reduce_axes)
-    if bias is not None:
-        y = y + _bcast(bias.astype(dtype), x, reduce_axes)
-    return y.astype(x.dtype)
-
-
 def batch_norm_eval(
     x: Array,
     mean: Array,
@@ -254,7 +231,7 @@ def batch_norm_eval(
     scale, shift = lax.platform_dependent(
         scale, shift, cpu=lambda a, b: lax.optimization_barrier((a, b)), default=lambda a, b: (a, b)
     )
-    y = x.astype(dtype) * _bcast(scale, x, reduce_axes) + _bcast(shift, x, reduce_axes)
+    y = x.astype(dtype) * per_feature(scale, reduce_axes) + per_feature(shift, reduce_axes)
     return y.astype(x.dtype)
 
 
@@ -266,8 +243,8 @@ def _bn_train(
     x: Array, weight: Array | None, bias: Array | None, eps: float, reduce_axes: tuple[int, ...]
 ) -> tuple[Array, Array, Array]:
     mean, var = _moments(x, reduce_axes)
-    _, a = _scale(var, weight, eps)
-    return _affine(x, mean, a, bias, reduce_axes), mean, var
+    _, a = fold_scale(var, weight, eps)
+    return affine(x, mean, a, bias, reduce_axes), mean, var
 
 
 def _bn_train_jvp(
@@ -278,10 +255,10 @@ def _bn_train_jvp(
     n = math.prod(x.shape[a] for a in reduce_axes)
     mean, var = _moments(x, reduce_axes)
     dtype = mean.dtype
-    rstd, a = _scale(var, weight, eps)
+    rstd, a = fold_scale(var, weight, eps)
     mean_y, mean_r, mean_t = _copies(mean, 3)
     x_y, x_r, x_t = (x,) * 3 if x.dtype == dtype else _split(x, 3)
-    y = _affine(x_y, mean_y, a, bias, reduce_axes)
+    y = affine(x_y, mean_y, a, bias, reduce_axes)
 
     # Per-feature coefficients of dy = a dx + (x - mean) t + u.
     t = jnp.zeros_like(rstd)
@@ -293,19 +270,19 @@ def _bn_train_jvp(
     if isinstance(dx, SymbolicZero):
         dmean = jnp.zeros_like(mean)
         dvar = jnp.zeros_like(var)
-        dy = (x_t.astype(dtype) - _bcast(mean_t, x, reduce_axes)) * _bcast(t, x, reduce_axes)
-        dy = dy + _bcast(u, x, reduce_axes)
+        dy = (x_t.astype(dtype) - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes)
+        dy = dy + per_feature(u, reduce_axes)
     else:
         dxf = dx.astype(dtype)
         dmean = _sum(dxf, reduce_axes) / n  # E[dx]
-        cov = _sum((x_r.astype(dtype) - _bcast(mean_r, x, reduce_axes)) * dxf, reduce_axes) / n
+        cov = _sum((x_r.astype(dtype) - per_feature(mean_r, reduce_axes)) * dxf, reduce_axes) / n
         dvar = 2 * cov  # d var = 2 E[(x - mean) dx]
         t = t - a * rstd * rstd * cov
         u = u - a * dmean
         terms = (
-            dxf * _bcast(a, x, reduce_axes),
-            (x_t.astype(dtype) - _bcast(mean_t, x, reduce_axes)) * _bcast(t, x, reduce_axes),
-            _bcast(u, x, reduce_axes),
+            dxf * per_feature(a, reduce_axes),
+            (x_t.astype(dtype) - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes),
+            per_feature(u, reduce_axes),
         )
         if x.dtype != dtype:
             return (y, mean, var), (_sum_low_precision(terms, x.dtype), dmean, dvar)

@@ -60,7 +60,7 @@ def batch_moments(
     if axis_name is not None:
         shift = _synced_shift(shift, mask, axis_name, axis_index_groups)
     shift = lax.stop_gradient(shift)
-    shift_b = _expand(shift, x.ndim, feature_axes)
+    shift_b = per_feature(shift, reduce_axes)
     d = x.astype(dtype) - shift_b
     if mask is not None:
         mask_b = jnp.expand_dims(mask, feature_axes)
@@ -113,35 +113,31 @@ def _collective(op: Any, value: Any, axis_name: Any, groups: Any) -> Any:
         ) from e
 
 
-def normalize(
-    x: Array,
-    mean: Array,
-    var: Array,
-    weight: Array | None,
-    bias: Array | None,
-    *,
-    eps: float,
-    axes: tuple[int, ...],
+def per_feature(v: Array, reduce_axes: tuple[int, ...]) -> Array:
+    """A features'-shape array reshaped to broadcast against `x` (size 1 on `reduce_axes`)."""
+    return jnp.expand_dims(v, reduce_axes)
+
+
+def fold_scale(var: Array, weight: Array | None, eps: float) -> tuple[Array, Array]:
+    """`rstd = rsqrt(var + eps)` and the folded per-feature scale `a = rstd * weight`."""
+    rstd = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+    a = rstd if weight is None else rstd * weight.astype(var.dtype)
+    return rstd, a
+
+
+def affine(
+    x: Array, mean: Array, a: Array, bias: Array | None, reduce_axes: tuple[int, ...]
 ) -> Array:
-    """`(x - mean) / sqrt(var + eps) * weight + bias`, in float32 at least, cast to x's dtype."""
-    dtype = stats_dtype(jnp.result_type(x.dtype, mean.dtype, var.dtype))
-    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
-    if weight is not None:
-        scale = scale * weight.astype(dtype)
-    y = (x.astype(dtype) - _expand(mean.astype(dtype), x.ndim, axes)) * _expand(
-        scale, x.ndim, axes
-    )
+    """`y = (x - mean) * a + bias`, computed in the statistics' dtype, cast to x's.
+
+    `x - mean` is kept (not folded into the shift) because `x * a + (bias - mean * a)`
+    loses the digits of large-mean inputs.
+    """
+    dtype = mean.dtype
+    y = (x.astype(dtype) - per_feature(mean, reduce_axes)) * per_feature(a, reduce_axes)
     if bias is not None:
-        y = y + _expand(bias.astype(dtype), x.ndim, axes)
+        y = y + per_feature(bias.astype(dtype), reduce_axes)
     return y.astype(x.dtype)
-
-
-def _expand(v: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
-    """Reshape a features'-shape array to broadcast against an `ndim` array."""
-    shape = [1] * ndim
-    for a, d in zip(feature_axes, v.shape, strict=True):
-        shape[a] = d
-    return v.reshape(shape)
 
 
 def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
