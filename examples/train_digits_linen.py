@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import bnjax.linen
+
+# The data of the main example (this folder is on sys.path as a script).
+from train_digits import load_data
 
 CHANNELS = (16, 32)
 
@@ -48,13 +49,6 @@ class CNN(nn.Module):
 
 class TrainState(train_state.TrainState):
     batch_stats: Any  # the model's `batch_stats` collection
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1), NHWC
-    y = digits.target.astype(np.int32)
-    return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
 
 
 @jax.jit

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import bnjax.nnx
+
+# The data of the main example (this folder is on sys.path as a script).
+from train_digits import load_data
 
 CHANNELS = (16, 32)
 
@@ -47,13 +48,6 @@ class CNN(nnx.Module):
             if i == 0:
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2))
         return self.head(x.mean(axis=(1, 2)))
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1), NHWC
-    y = digits.target.astype(np.int32)
-    return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
 
 
 @nnx.jit
