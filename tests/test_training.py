@@ -537,3 +537,48 @@ def test_accumulation_vs_torch_example(capsys):
     assert module.main() == 0
     out = capsys.readouterr().out
     assert "largest difference" in out or "PyTorch is not installed" in out
+
+
+@pytest.mark.parametrize("policy", ["micro", "full"])
+def test_flax_nnx_model_through_split_and_merge(policy):
+    """An nnx model threads its BatchStats through the step by `nnx.split` / `nnx.merge`."""
+    nnx = pytest.importorskip("flax.nnx")
+    import bnjax.nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = bnjax.nnx.BatchNorm(3, momentum=0.1)
+            self.out = nnx.Linear(3, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.bn(x))[..., 0]
+
+    graphdef, params, stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    x, t = _tiny_data()
+
+    def loss_fn(params, stats, batch):
+        xb, tb = batch
+        model = nnx.merge(graphdef, params, stats)
+        loss = jnp.mean((model(xb) - tb) ** 2)
+        return loss, (nnx.state(model, nnx.BatchStat), None)
+
+    opt = optax.sgd(0.1)
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy=policy)
+    new_params, new_stats, _, metrics = jax.jit(step)(params, stats, opt.init(params), (x, t))
+
+    # The first BatchNorm sees the raw inputs: its statistics follow from x alone (float64).
+    xs = np.asarray(x, np.float64)
+    if policy == "full":
+        flat = xs.reshape(K * B, 3)
+        mean, var, count = 0.1 * flat.mean(0), 0.9 + 0.1 * flat.var(0, ddof=1), 1
+    else:
+        mean, var = np.zeros(3), np.ones(3)
+        for xb in xs:
+            mean, var = 0.9 * mean + 0.1 * xb.mean(0), 0.9 * var + 0.1 * xb.var(0, ddof=1)
+        count = K
+    np.testing.assert_allclose(new_stats["bn"]["running_mean"][...], mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(new_stats["bn"]["running_var"][...], var, rtol=1e-6)
+    assert int(new_stats["bn"]["num_batches_tracked"][...]) == count
+    assert metrics.loss.shape == (K,)
+    # One optimizer update with the mean gradient moved the Linear layer.
+    assert not np.array_equal(new_params["out"]["kernel"][...], params["out"]["kernel"][...])
