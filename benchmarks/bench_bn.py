@@ -521,9 +521,28 @@ def machine_line() -> str:
     )
 
 
+REF = "flax.linen.BatchNorm"
+FLOOR = "floor: x*a+b per channel"
+
+
+def paired_ratio(b: Bench, ref: Bench | None) -> float:
+    """Median over rounds of `b`'s time / `ref`'s time in the same round.
+
+    Both ran back to back in every round, so a slow spell of the machine (other
+    jobs on a shared VM) mostly scales both; the per-round ratio cancels it, where
+    a ratio of two medians taken over different moments would not.
+    """
+    if ref is None or not ref.times:
+        return float("nan")
+    return statistics.median(t / r for t, r in zip(b.times, ref.times, strict=True))
+
+
+def _find(benches: list[Bench], name: str) -> Bench | None:
+    return next((b for b in benches if b.name == name), None)
+
+
 def table(case: Case, workload: str, benches: list[Bench]) -> str:
-    ref = next((b for b in benches if b.name == "flax.linen.BatchNorm"), None)
-    ref_ms = statistics.median(ref.times) * 1e3 if ref else None
+    ref = _find(benches, REF)
     passes = PASSES[workload]
     lines = [
         f"#### {workload}, {case.label} ({passes} passes = {passes * case.nbytes / 1e6:.1f} MB)",
@@ -535,12 +554,11 @@ def table(case: Case, workload: str, benches: list[Bench]) -> str:
     for b in benches:
         med = statistics.median(b.times) * 1e3
         lo, hi = min(b.times) * 1e3, max(b.times) * 1e3
-        ratio = f"{med / ref_ms:.2f}" if ref_ms else "-"
         p = 2 if b.name.startswith("floor") else passes
         gbs = p * case.nbytes / (med * 1e-3) / 1e9
         lines.append(
-            f"| {b.name} | {med:.3f} | [{lo:.3f}, {hi:.3f}] | {ratio} | {gbs:.1f} "
-            f"| {b.compile_s:.2f} | {statistics.median(b.faults):.0f} | {b.note} |"
+            f"| {b.name} | {med:.3f} | [{lo:.3f}, {hi:.3f}] | {paired_ratio(b, ref):.2f} "
+            f"| {gbs:.1f} | {b.compile_s:.2f} | {statistics.median(b.faults):.0f} | {b.note} |"
         )
     return "\n".join(lines)
 
@@ -552,18 +570,60 @@ def summary(results: dict) -> str:
         "| bnjax / x*a+b floor | best peer |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
+    nan = float("nan")
     for (label, workload), benches in results.items():
         med = {b.name: statistics.median(b.times) * 1e3 for b in benches}
-        bj, fl = med.get("bnjax.apply"), med.get("flax.linen.BatchNorm")
-        floor = med.get("floor: x*a+b per channel")
+        bj = _find(benches, "bnjax.apply")
         peers = {k: v for k, v in med.items() if not k.startswith(("bnjax", "floor"))}
         best = min(peers, key=peers.get) if peers else "-"
-        nan = float("nan")
-        bj, fl, floor = bj or nan, fl or nan, floor or nan
+        if bj is None:
+            continue
         lines.append(
-            f"| {label} | {workload} | {bj:.3f} | {fl:.3f} | {bj / fl:.2f} | "
-            f"{bj / floor:.2f} | {best} ({peers.get(best, nan):.3f}) |"
+            f"| {label} | {workload} | {med['bnjax.apply']:.3f} | {med.get(REF, nan):.3f} "
+            f"| {paired_ratio(bj, _find(benches, REF)):.2f} "
+            f"| {paired_ratio(bj, _find(benches, FLOOR)):.2f} "
+            f"| {best} ({peers.get(best, nan):.3f}) |"
         )
+    return "\n".join(lines)
+
+
+# The issue's targets (CPU): (case label or None for every conv case, workload, peer, bound).
+TARGETS = [
+    ("conv float32", "train_fwd_bwd", REF, 0.6),
+    ("conv float32", "train_fwd", REF, 0.8),
+    ("conv float32", "eval_fwd", REF, 1.0),
+    ("conv float32", "eval_fwd", FLOOR, 1.1),
+    ("(64, 32, 32, 64) bfloat16", "train_fwd_bwd", REF, 0.5),
+    ("(64, 32, 32, 64) bfloat16", "train_fwd_bwd", "torch F.batch_norm (cpu)", 1.0),
+    ("(64, 32, 32, 64) bfloat16", "train_fwd_bwd", "torch F.batch_norm (cpu) CL", 1.0),
+    ("(256, 1024) float32", "train_fwd", REF, 1.0),
+    ("(256, 1024) float32", "eval_fwd", REF, 1.0),
+    ("(256, 1024) float32", "train_fwd_bwd", REF, 1.0),
+]
+
+
+def targets(results: dict) -> str:
+    """The issue's targets against this run: paired ratios, and compile times."""
+    lines = []
+    for case, workload, peer, bound in TARGETS:
+        for (label, w), benches in results.items():
+            conv = case == "conv float32" and label.endswith("float32") and len(label) > 20
+            if w != workload or not (conv or label == case):
+                continue
+            bj, ref = _find(benches, "bnjax.apply"), _find(benches, peer)
+            if bj is None or ref is None:
+                continue
+            r = paired_ratio(bj, ref)
+            verdict = "MET" if r <= bound else "missed"
+            lines.append(f"{w} {label}: {r:.2f}x {peer} (target <= {bound}) {verdict}")
+    for (label, w), benches in results.items():
+        bj, ref = _find(benches, "bnjax.apply"), _find(benches, REF)
+        if bj is not None and ref is not None:
+            verdict = "MET" if bj.compile_s <= ref.compile_s else "missed"
+            lines.append(
+                f"compile {label} {w}: bnjax {bj.compile_s:.2f}s, flax.linen "
+                f"{ref.compile_s:.2f}s {verdict}"
+            )
     return "\n".join(lines)
 
 
@@ -601,8 +661,8 @@ def main(argv: list[str] | None = None) -> None:
         cases = [cases[int(i)] for i in args.cases.split(",")]
     elif args.quick:
         cases = cases[:1]
-    trials = args.trials or (5 if args.quick else 15)
-    target_s = (args.target_ms or (15 if args.quick else 40)) / 1e3
+    trials = args.trials or (5 if args.quick else 21)
+    target_s = (args.target_ms or (15 if args.quick else 30)) / 1e3
     impls = PEERS + FLOORS
     if args.only:
         keep = set(args.only.split(","))
@@ -629,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
                 for b in benches:
                     print(f"  kernels {b.name}: {b.kernels}")
     print(summary(results))
+    if backend == "cpu":
+        print("\n" + targets(results))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
     if args.quick and not args.out:
@@ -644,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine_line()}.",
         "",
         f"Command: `{cmd}` ({trials} interleaved rounds of ~{target_s * 1e3:.0f} ms per "
-        "implementation; median per-call time, [min, max] over rounds).",
+        "implementation; median per-call time, [min, max] over rounds; ratios are the "
+        "median over rounds of the per-round ratio, both measured back to back).",
         "",
         "Traffic model for GB/s: training forward 3 passes over x, eval 2, training "
         "forward+backward 5; the floors count 2. Layout: channels-last for the JAX "
@@ -655,6 +718,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         summary(results),
         "",
+        *(
+            ["## Issue targets (this run)", "", "```", targets(results), "```", ""]
+            if backend == "cpu"
+            else []
+        ),
         "## Tables",
         "",
     ]
