@@ -12,10 +12,12 @@ the `torch.nn.functional.batch_norm` rows; without torch they are left out.
 Method
 ------
 * One process. For each (shape, workload) every implementation is compiled first
-  (compile time = trace + lower + compile, wall clock), then timed in `--trials`
-  round-robin rounds: in each round every implementation runs `reps` calls, so
-  machine noise (other processes) hits all of them alike. Reported: the median over
-  rounds of the per-call time, with the min and max over rounds.
+  (compile time = trace + lower + compile, wall clock, the median of 3 compiles of
+  fresh closures), then timed in `--trials` round-robin rounds: in each round every
+  implementation runs `reps` calls, so machine noise (other processes) hits all of
+  them alike. Reported: the median over rounds of the per-call time, with the min
+  and max over rounds; a ratio between two implementations is the median over rounds
+  of their per-round ratio (they ran back to back, so a slow spell cancels).
 * On CPU each call is synchronous (`block_until_ready`); on GPU the `reps` calls of a
   round are dispatched back to back and the round ends with one block.
 * The page-fault trap: a fresh multi-MiB buffer that glibc takes from (and returns
@@ -147,10 +149,23 @@ def _jax_in(a: np.ndarray, dtype: str) -> jax.Array:
     return jax.device_put(jnp.asarray(a, dtype=dtype))
 
 
+COMPILES = 3  # compile time: the median of this many compiles of fresh closures
+
+
 def _compile(fn: Callable, *args: Any, donate: tuple[int, ...] = ()) -> tuple[Callable, float]:
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+    """The compiled `fn` and its compile time (trace + lower + compile, wall clock).
+
+    The first compile of a new shape also pays one-time costs (tracing caches, the
+    compiler warming up) that would fall on whichever implementation comes first,
+    so each one is compiled `COMPILES` times from a fresh closure (nothing cached)
+    and the median is reported.
+    """
+    times = []
+    for _ in range(COMPILES):
+        t0 = time.perf_counter()
+        compiled = jax.jit(lambda *a: fn(*a), donate_argnums=donate).lower(*args).compile()
+        times.append(time.perf_counter() - t0)
+    return compiled, statistics.median(times)
 
 
 HLO_SUMMARY: dict[str, str] = {}
