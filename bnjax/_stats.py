@@ -147,14 +147,22 @@ def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
         return jnp.zeros(feature_shape, x.dtype)
     if _sharded_explicitly(x, reduce_axes):
         return _shift_by_reduction(x, reduce_axes, mask)
-    starts: list[Any] = [0] * x.ndim
-    if mask is not None and mask.size:
-        # Index of the first True of the mask (0 when none is True).
-        first = jnp.argmax(mask.reshape(-1))
-        for a, i in zip(reduce_axes, jnp.unravel_index(first, mask.shape), strict=True):
-            starts[a] = i
-    sizes = [1 if a in reduce_axes else x.shape[a] for a in range(x.ndim)]
-    return lax.dynamic_slice(x, starts, sizes).reshape(feature_shape)
+    sizes = [1 if a in reduce_axes else d for a, d in enumerate(x.shape)]
+    first = lax.slice(x, [0] * x.ndim, sizes).reshape(feature_shape)
+    if mask is None or not mask.size:
+        return first
+    # The first position is nearly always counted (padding goes at the end). Where
+    # it is not, the first counted one is found by a reduction, not by a dynamic
+    # slice: on a mesh with Auto axes XLA would gather the whole batch to take a
+    # data-dependent slice of a sharded axis; a static slice and a reduction
+    # partition, with an all-reduce of C values.
+    return lax.cond(
+        mask.reshape(-1)[0].astype(bool),
+        lambda x, mask: first,
+        lambda x, mask: _shift_by_reduction(x, reduce_axes, mask),
+        x,
+        mask,
+    )
 
 
 def _sharded_explicitly(x: Array, reduce_axes: tuple[int, ...]) -> bool:

@@ -524,28 +524,36 @@ def all_gathers(fn, *args) -> list[str]:
 
 @check
 def jit_named_sharding_masked() -> dict[str, float]:
-    """The jit + NamedSharding path with a mask and an all-padding shard (Explicit mesh)."""
-    mesh = data_mesh()  # jax.make_mesh: Explicit axes by default
+    """The jit + NamedSharding path with a mask and an all-padding shard.
+
+    On both kinds of mesh axes, and with the batch's first position counted or not
+    (the shift is then found by a reduction): never an all-gather of the batch.
+    """
     per = B // NDEV
-    mask = np.ones((B, 3), bool)
-    mask[2 * per : 3 * per] = False
-    mask[7, 2] = False
-    xp = np.where(mask[..., None], X, 1e6).astype(np.float32)
-    x, m = put(mesh, P("data"), xp, mask)
-
-    def fn(x, mask):
-        return bnjax.apply(PARAMS, STATS, x, True, mask=mask)
-
-    y, s = np_tree(jax.jit(fn)(x, m))
-    w, b = np.asarray(PARAMS["weight"]), np.asarray(PARAMS["bias"])
-    y_ref, s_ref = ref_batchnorm(xp, w, b, NP_STATS, train=True, mask=mask)
     diffs: dict[str, float] = {}
-    compare(diffs, "y (valid positions) vs float64 ref", y[mask], y_ref[mask], ATOL_REF)
-    for k in ("running_mean", "running_var"):
-        compare(diffs, f"{k} vs float64 ref", s[k], s_ref[k], ATOL_REF)
-    gathered = all_gathers(fn, x, m)
-    if gathered:
-        raise Mismatch(f"the compiled apply all-gathers {gathered}")
+    for axis_type in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((NDEV,), ("data",), axis_types=(axis_type,))
+        for first_counted in (True, False):
+            mask = np.ones((B, 3), bool)
+            mask[2 * per : 3 * per] = False
+            mask[7, 2] = False
+            mask[0, 0] = first_counted
+            xp = np.where(mask[..., None], X, 1e6).astype(np.float32)
+            x, m = put(mesh, P("data"), xp, mask)
+
+            def fn(x, mask):
+                return bnjax.apply(PARAMS, STATS, x, True, mask=mask)
+
+            y, s = np_tree(jax.jit(fn)(x, m))
+            w, b = np.asarray(PARAMS["weight"]), np.asarray(PARAMS["bias"])
+            y_ref, s_ref = ref_batchnorm(xp, w, b, NP_STATS, train=True, mask=mask)
+            tag = f"({axis_type.name}, first position {'counted' if first_counted else 'padding'})"
+            compare(diffs, f"y (valid) vs float64 ref {tag}", y[mask], y_ref[mask], ATOL_REF)
+            for k in ("running_mean", "running_var"):
+                compare(diffs, f"{k} vs float64 ref {tag}", s[k], s_ref[k], ATOL_REF)
+            gathered = all_gathers(fn, x, m)
+            if gathered:
+                raise Mismatch(f"{tag}: the compiled apply all-gathers {gathered}")
     return diffs
 
 

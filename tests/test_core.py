@@ -323,6 +323,21 @@ def test_mask_uses_only_valid_positions():
     assert int(moments.count) == n == mask.sum()
 
 
+def test_mask_with_padding_first_keeps_large_mean_precision():
+    """The shift is the first *counted* value even when the batch starts with padding."""
+    rng = np.random.default_rng(21)
+    x = (1e4 + rng.normal(size=(6, 5, 3))).astype(np.float32)
+    mask = np.ones((6, 5), bool)
+    mask[:2] = False  # padding first: a shift taken from it would cancel every digit
+    mask[2, :3] = False
+    x[~mask] = 1e6
+    moments = jax.jit(bnjax.batch_moments, static_argnums=1)(x, (0, 1), mask=mask)
+    mean, var, n = ref_moments(x[mask], (-1,))
+    np.testing.assert_allclose(moments.mean, mean, rtol=1e-7)
+    np.testing.assert_allclose(moments.var, var, rtol=1e-5)
+    assert int(moments.count) == n
+
+
 @pytest.mark.parametrize("valid", [0, 1])
 def test_mask_with_fewer_than_two_values_keeps_running_stats(valid):
     x = _batch(np.random.default_rng(10), (3, 4, 2), 0)
