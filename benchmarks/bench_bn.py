@@ -34,7 +34,6 @@ Method
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import os
 import platform
@@ -46,25 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# --- keep glibc from handing freed buffers back to the OS (the page-fault trap).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+from _common import paired_median, pin_malloc
 
-
-def _pin_malloc() -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's 64-bit maximum
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    # XLA's temp buffers can exceed the 32 MiB mmap threshold: no mmap at all, and
-    # one arena (thread arenas are mmap'd heaps that glibc shrinks on free).
-    ok &= libc.mallopt(_M_MMAP_MAX, 0)
-    ok &= libc.mallopt(_M_ARENA_MAX, 1)
-    return bool(ok)
-
-
-MALLOPT_OK = _pin_malloc()
+MALLOPT_OK = pin_malloc()  # before JAX allocates anything
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -541,15 +524,8 @@ FLOOR = "floor: x*a+b per channel"
 
 
 def paired_ratio(b: Bench, ref: Bench | None) -> float:
-    """Median over rounds of `b`'s time / `ref`'s time in the same round.
-
-    Both ran back to back in every round, so a slow spell of the machine (other
-    jobs on a shared VM) mostly scales both; the per-round ratio cancels it, where
-    a ratio of two medians taken over different moments would not.
-    """
-    if ref is None or not ref.times:
-        return float("nan")
-    return statistics.median(t / r for t, r in zip(b.times, ref.times, strict=True))
+    """`b`'s per-round paired ratio to `ref` (`_common.paired_median`); NaN without ref."""
+    return paired_median(b.times, ref.times) if ref is not None else float("nan")
 
 
 def _find(benches: list[Bench], name: str) -> Bench | None:
@@ -602,7 +578,8 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-# The issue's targets (CPU): (case label or None for every conv case, workload, peer, bound).
+# The issue's targets (CPU): (case label, or "conv float32" for both conv shapes, workload,
+# peer, bound).
 TARGETS = [
     ("conv float32", "train_fwd_bwd", REF, 0.6),
     ("conv float32", "train_fwd", REF, 0.8),
@@ -619,11 +596,12 @@ TARGETS = [
 
 def targets(results: dict) -> str:
     """The issue's targets against this run: paired ratios, and compile times."""
+    conv_f32 = {c.label for c in CPU_CASES if len(c.shape) == 4 and c.dtype == "float32"}
     lines = []
     for case, workload, peer, bound in TARGETS:
+        labels = conv_f32 if case == "conv float32" else {case}
         for (label, w), benches in results.items():
-            conv = case == "conv float32" and label.endswith("float32") and len(label) > 20
-            if w != workload or not (conv or label == case):
+            if w != workload or label not in labels:
                 continue
             bj, ref = _find(benches, "bnjax.apply"), _find(benches, peer)
             if bj is None or ref is None:

@@ -29,7 +29,6 @@ Each row gives the median over rounds of the per-call time and its ratio to one
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import subprocess
@@ -37,15 +36,9 @@ import sys
 import time
 from collections.abc import Callable
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
-try:  # keep freed buffers in the heap (the page-fault trap, see bench_bn.py)
-    _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    _libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    _libc.mallopt(_M_MMAP_MAX, 0)
-    _libc.mallopt(_M_ARENA_MAX, 1)
-except OSError:  # pragma: no cover
-    pass
+from _common import paired_median, pin_malloc
+
+pin_malloc()  # before JAX allocates anything
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -170,7 +163,7 @@ def _time(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[
 def _rows(times: dict[str, list[float]], base: str) -> list[str]:
     out = []
     for k, t in times.items():
-        ratio = statistics.median(a / b for a, b in zip(t, times[base], strict=True))
+        ratio = paired_median(t, times[base])
         out.append(f"| {k} | {statistics.median(t) * 1e3:.3f} | {ratio:.2f} |")
     return out
 
