@@ -126,8 +126,9 @@ def compare_full(diffs, got_y, got_stats, got_gp, got_gx, x=X, g=G):
         compare(diffs, f"{k} vs float64 ref", got_stats[k], s_ref[k], ATOL_REF)
 
 
-def data_mesh() -> Mesh:
-    return jax.make_mesh((NDEV,), ("data",))
+def data_mesh(axis_type: AxisType = AxisType.Explicit) -> Mesh:
+    """One "data" axis over the NDEV devices (`jax.make_mesh`'s default: Explicit)."""
+    return jax.make_mesh((NDEV,), ("data",), axis_types=(axis_type,))
 
 
 def put(mesh: Mesh, spec: P, *trees):
@@ -491,7 +492,7 @@ def jit_named_sharding() -> dict[str, float]:
     """Batch sharded over a Mesh (Explicit and Auto axes); bnjax.apply without axis_name."""
     diffs: dict[str, float] = {}
     for axis_type in (AxisType.Explicit, AxisType.Auto):
-        mesh = jax.make_mesh((NDEV,), ("data",), axis_types=(axis_type,))
+        mesh = data_mesh(axis_type)
         x, g = put(mesh, P("data"), X, G)
         params, stats = put(mesh, P(), PARAMS), put(mesh, P(), STATS)
 
@@ -529,10 +530,15 @@ def jit_named_sharding_masked() -> dict[str, float]:
     On both kinds of mesh axes, and with the batch's first position counted or not
     (the shift is then found by a reduction): never an all-gather of the batch.
     """
+
+    def fn(x, mask):
+        return bnjax.apply(PARAMS, STATS, x, True, mask=mask)
+
     per = B // NDEV
+    w, b = np.asarray(PARAMS["weight"]), np.asarray(PARAMS["bias"])
     diffs: dict[str, float] = {}
     for axis_type in (AxisType.Explicit, AxisType.Auto):
-        mesh = jax.make_mesh((NDEV,), ("data",), axis_types=(axis_type,))
+        mesh = data_mesh(axis_type)
         for first_counted in (True, False):
             mask = np.ones((B, 3), bool)
             mask[2 * per : 3 * per] = False
@@ -540,12 +546,7 @@ def jit_named_sharding_masked() -> dict[str, float]:
             mask[0, 0] = first_counted
             xp = np.where(mask[..., None], X, 1e6).astype(np.float32)
             x, m = put(mesh, P("data"), xp, mask)
-
-            def fn(x, mask):
-                return bnjax.apply(PARAMS, STATS, x, True, mask=mask)
-
             y, s = np_tree(jax.jit(fn)(x, m))
-            w, b = np.asarray(PARAMS["weight"]), np.asarray(PARAMS["bias"])
             y_ref, s_ref = ref_batchnorm(xp, w, b, NP_STATS, train=True, mask=mask)
             tag = f"({axis_type.name}, first position {'counted' if first_counted else 'padding'})"
             compare(diffs, f"y (valid) vs float64 ref {tag}", y[mask], y_ref[mask], ATOL_REF)

@@ -327,6 +327,16 @@ def test_b_walkthrough(use_jit):
 # --------------------------------------------------------------------------- scenario c
 
 
+def _torch_sgd_momentum(params, buf, grads, lr, momentum):
+    """One `torch.optim.SGD(lr, momentum)` step (dampening 0, no Nesterov, no decay).
+
+    torch keeps `buf = g` on the first step, then `buf = momentum * buf + g`, and
+    updates `p -= lr * buf`. Returns the new `(params, buf)`.
+    """
+    buf = grads if buf is None else jax.tree.map(lambda b, g: momentum * b + g, buf, grads)
+    return jax.tree.map(lambda p, b: p - lr * b, params, buf), buf
+
+
 def test_c_gradient_accumulation():
     meta, a = _load("c_accumulation.npz")
     cfg = meta["config"]
@@ -355,10 +365,7 @@ def test_c_gradient_accumulation():
             _stats_equal_count(stats["bn1"], exp_stats["bn1"])
         exp_grads, _ = interop.from_torch_state_dict(_sub(a, "grad_step", step))
         _close("c_accumulation", acc, exp_grads, F32)
-        # torch.optim.SGD(momentum=0.9): buf = g (first step), then buf = 0.9 buf + g;
-        # p -= lr * buf.
-        buf = acc if buf is None else jax.tree.map(lambda b, g_: mom * b + g_, buf, acc)
-        params = jax.tree.map(lambda p, b: p - lr * b, params, buf)
+        params, buf = _torch_sgd_momentum(params, buf, acc, lr, mom)
         exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, "sd_step", step))
         _close("c_accumulation", (params, stats), (exp_params, exp_stats), F32)
     final = small_net.to_torch_state_dict(params, stats)
@@ -393,12 +400,7 @@ def test_d_frozen_batchnorm():
         )
         exp_grads, _ = interop.from_torch_state_dict(_sub(a, "grad_step", step))
         _close("d_frozen_bn", grads, exp_grads, F32)
-        buf = (
-            grads
-            if buf is None
-            else jax.tree.map(lambda b, g_: cfg["momentum"] * b + g_, buf, grads)
-        )
-        params = jax.tree.map(lambda p, b: p - cfg["lr"] * b, params, buf)
+        params, buf = _torch_sgd_momentum(params, buf, grads, cfg["lr"], cfg["momentum"])
         exp_params, exp_stats = interop.from_torch_state_dict(_sub(a, "sd_step", step))
         _close("d_frozen_bn", ({**params, **frozen}, stats), (exp_params, exp_stats), F32)
         chex.assert_trees_all_equal(jax.tree.map(np.asarray, stats), exp_stats)
