@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from bnjax._stats import Moments, affine, fold_scale, per_feature, stats_dtype
+from bnjax._stats import Moments, affine, fold_scale, per_feature, sample_shift, stats_dtype
 
 Array = jax.Array
 
@@ -140,12 +140,8 @@ def _shifted_moments(
 
 def _first_sample_moments(x: Array, reduce_axes: tuple[int, ...], n: int) -> tuple[Array, Array]:
     """One sweep, shifted by the first value of each feature (GPU/TPU: fused sweep)."""
-    dtype = stats_dtype(x.dtype)
-    starts = [0] * x.ndim
-    sizes = [1 if a in reduce_axes else d for a, d in enumerate(x.shape)]
-    shift = lax.slice(x, starts, sizes).astype(dtype)
-    shift = lax.stop_gradient(jnp.squeeze(shift, reduce_axes))
-    return _shifted_moments(x, shift, reduce_axes, n)
+    shift = sample_shift(x, reduce_axes, None).astype(stats_dtype(x.dtype))
+    return _shifted_moments(x, lax.stop_gradient(shift), reduce_axes, n)
 
 
 def _guarded_raw_moments(x: Array, reduce_axes: tuple[int, ...], n: int) -> tuple[Array, Array]:

@@ -56,7 +56,7 @@ def batch_moments(
     """
     dtype = stats_dtype(x.dtype)
     feature_axes = tuple(a for a in range(x.ndim) if a not in reduce_axes)
-    shift = _shift(x, reduce_axes, mask).astype(dtype)
+    shift = sample_shift(x, reduce_axes, mask).astype(dtype)
     if axis_name is not None:
         shift = _synced_shift(shift, mask, axis_name, axis_index_groups)
     shift = lax.stop_gradient(shift)
@@ -140,8 +140,8 @@ def affine(
     return y.astype(x.dtype)
 
 
-def _shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
-    """The first counted value of each feature (zeros for an empty batch)."""
+def sample_shift(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
+    """The first counted value of each feature (zeros for an empty batch), in x's dtype."""
     feature_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in reduce_axes)
     if any(x.shape[a] == 0 for a in reduce_axes):
         return jnp.zeros(feature_shape, x.dtype)
@@ -176,7 +176,7 @@ def _sharded_explicitly(x: Array, reduce_axes: tuple[int, ...]) -> bool:
 
 
 def _shift_by_reduction(x: Array, reduce_axes: tuple[int, ...], mask: Array | None) -> Array:
-    """`_shift` as a one-hot sum: partitions locally, then all-reduces C values."""
+    """`sample_shift` as a one-hot sum: partitions locally, then all-reduces C values."""
     shape = tuple(x.shape[a] for a in reduce_axes)
     flat = jnp.zeros(shape, jnp.int32)  # row-major index over the reduced axes
     stride = 1
