@@ -1,0 +1,96 @@
+"""Every Python block in README.md and docs/ runs as written.
+
+The convention (docs/contributing.md says it for authors):
+
+- Each page runs top to bottom in one fresh namespace, like a notebook: a block may
+  use names from an earlier block of the same page, never from another page.
+- Blocks run in a fresh temporary directory (files they write vanish after the page).
+- A block fenced as ```python runs. Listings that are not code to run (a signature,
+  a shell session) use another fence: ```text, ```bash, ```pycon.
+- The line just above a block (blank lines aside) may be an HTML comment that tells the
+  runner about it:
+    <!-- docs-test: requires torch -->   runs only where torch imports (skipped here
+                                          otherwise; .ci/run runs it with torch==2.13.0)
+    <!-- docs-test: skip REASON -->      never runs (say why: e.g. "needs 2 processes").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+
+_FENCE = re.compile(r"^```(\S*)\s*$")
+_MARK = re.compile(r"^<!--\s*docs-test:\s*(requires\s+\w+|skip\b[^>]*)\s*-->\s*$")
+
+
+def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
+    """`(first line number, source, marker)` of each ```python block, in order."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if not fence:
+            i += 1
+            continue
+        lang, start = fence.group(1), i + 1
+        j = start
+        while j < len(lines) and lines[j].rstrip() != "```":
+            j += 1
+        if lang == "python":
+            k = i - 1
+            while k >= 0 and not lines[k].strip():
+                k -= 1
+            mark = _MARK.match(lines[k].strip()) if k >= 0 else None
+            blocks.append((start + 1, "\n".join(lines[start:j]) + "\n", mark and mark.group(1)))
+        i = j + 1
+    return blocks
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = python_blocks(page.read_text())
+    if not blocks:
+        pytest.skip("no python blocks")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    ran = skipped = 0
+    for line, source, mark in blocks:
+        if mark and mark.startswith("skip"):
+            skipped += 1
+            continue
+        if mark and mark.startswith("requires"):
+            needed = mark.split()[1]
+            if not _has(needed):
+                skipped += 1
+                continue
+        code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec")
+        exec(code, namespace)  # noqa: S102 - running the docs is the point
+        ran += 1
+    assert ran or skipped, f"{page}: nothing ran"
+    if not ran:
+        pytest.skip(f"all {skipped} blocks need something absent here")
+
+
+def test_markers_are_known() -> None:
+    """A misspelled marker would silently run (or skip) a block."""
+    bad = []
+    for page in PAGES:
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if "docs-test" in line and not _MARK.match(line.strip()):
+                bad.append(f"{page.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "unknown docs-test markers:\n" + "\n".join(bad)
+
+
+if os.environ.get("BNJAX_DOCS_LIST"):  # `BNJAX_DOCS_LIST=1 python tests/test_docs.py`
+    for p in PAGES:
+        print(p, len(python_blocks(p.read_text())))
