@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
+from bnjax.deploy import restore_sharded_checkpoint, save_sharded_checkpoint
 from bnjax.training import make_train_step
 
 # --- data shared by every process and by the one-process truth ---------------------------
@@ -166,6 +167,22 @@ def global_array(mesh, spec, a, axis=0):
     return jax.make_array_from_process_local_data(
         NamedSharding(mesh, spec), local_rows(a, axis), a.shape
     )
+
+
+def place(state, mesh, spec_fn, zeros=True):
+    """`state`'s arrays placed by `spec_fn(leaf)`; with `zeros`, a restore target."""
+    def one(a):
+        return jax.device_put(jnp.zeros_like(a) if zeros else a, NamedSharding(mesh, spec_fn(a)))
+
+    arrays = {k: jax.tree.map(one, v) for k, v in state.items() if k != "step"}
+    return arrays | {"step": 0 if zeros else state["step"]}
+
+
+def split_spec(a):
+    """Shards the last axis of 2-D leaves over all devices (a sharded state to save)."""
+    if np.ndim(a) == 2 and np.shape(a)[-1] % jax.device_count() == 0:
+        return P(None, "data")
+    return P()
 
 
 def collectives(hlo_text):
@@ -311,14 +328,51 @@ def run_checks(out: Path) -> None:
     step_b = jax.jit(jax.shard_map(
         make_train_step(make_loss_fn("data"), OPTIMIZER, accum_steps=ACCUM), mesh=mesh,
         in_specs=(P(), P(), P(), P(None, "data")), out_specs=P()))
+    states_a = []
     for tag, step in (("train_A", step_a), ("train_B", step_b)):
         p, s, o = p0, s0, o0
         losses = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
             p, s, o, metrics = step(p, s, o, batch)
             losses.append(fetch(metrics.loss))
+            if tag == "train_A":
+                states_a.append({"params": p, "batch_stats": s, "opt_state": o, "step": i + 1})
         _put(res, tag, state=fetch({"params": p, "batch_stats": s, "opt_state": o}),
              loss=np.stack(losses))
+
+    # Checkpoints. 2 processes write the state after CKPT_STEP steps, with some leaves
+    # sharded over all 8 devices; restored here on another mesh, it is bit-identical,
+    # and resuming from it on the original layout ends bit-identical to the
+    # uninterrupted run. The test restores it on 1 process.
+    saved = states_a[CKPT_STEP - 1]
+    save_sharded_checkpoint(out / "ckpt_2p", place(saved, mesh, split_spec, zeros=False))
+    _put(res, "ckpt_2p_saved", state=fetch(saved))
+    on_mesh2 = place(saved, mesh2, lambda a: P(None, "dev") if np.shape(a) == (F, H) else P())
+    state = restore_sharded_checkpoint(out / "ckpt_2p", on_mesh2)
+    _put(res, "ckpt_2p_on_host_mesh", state=fetch(state))
+    state = restore_sharded_checkpoint(out / "ckpt_2p", place(saved, mesh, lambda a: P()))
+    p, s, o = state["params"], state["batch_stats"], state["opt_state"]
+    for batch in batches[state["step"]:]:
+        p, s, o, _ = step_a(p, s, o, batch)
+    final = states_a[-1]
+    res["resume_2p_bit_identical"] = np.asarray(all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fetch((p, s, o))),
+                                             jax.tree.leaves(fetch((final["params"],
+                                                                    final["batch_stats"],
+                                                                    final["opt_state"]))),
+                                             strict=True)))
+
+    # 1 process wrote ckpt_1p (the test, on one device); restore it here, sharded
+    # over 2 processes, and resume training on them.
+    if (out / "ckpt_1p").exists():
+        state = restore_sharded_checkpoint(out / "ckpt_1p", place(saved, mesh, split_spec))
+        _put(res, "ckpt_1p_restored", state=fetch(state))
+        replicated = jax.device_put((state["params"], state["batch_stats"], state["opt_state"]),
+                                    NamedSharding(mesh, P()))
+        p, s, o = replicated
+        for batch in batches[state["step"]:]:
+            p, s, o, _ = step_a(p, s, o, batch)
+        _put(res, "resume_1to2", state=fetch({"params": p, "batch_stats": s, "opt_state": o}))
 
     # The collectives of a compiled forward + backward pass with 1 and 2 BatchNorms.
     for layers in (1, 2):

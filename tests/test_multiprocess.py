@@ -26,10 +26,14 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # as a script too: this checkout's bnjax
 
 import _multiprocess_worker as W  # noqa: E402
 from reference import ref_batchnorm, ref_grads  # noqa: E402
+
+import bnjax  # noqa: E402
+from bnjax.deploy import restore_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 NPROC, LOCAL_DEVICES = 2, 4
@@ -66,6 +70,9 @@ def launch(out: Path, *, scenario: str = "checks", nproc: int = NPROC, timeout: 
         and the tail of each one's log.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The workers import the bnjax this process imported, not another installed one.
+    root = str(Path(bnjax.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={LOCAL_DEVICES}".strip()
     port = free_port()
@@ -231,6 +238,26 @@ def compare_all(res: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
                 close(f"{tag}: {jax.tree_util.keystr(path)} vs 1 process", res[name], leaf,
                       ATOL_PROCESS)
         close(f"{tag}: losses vs 1 process", res[f"{tag}/loss"], losses, ATOL_PROCESS)
+
+    # Checkpoints: every restore is bit-identical to what was saved, whatever the
+    # process count and mesh; resuming on the same layout is bit-identical too.
+    for saved_tag, restored_tags in (("ckpt_2p_saved", ("ckpt_2p_on_1p", "ckpt_2p_on_host_mesh")),
+                                     ("ckpt_1p_saved", ("ckpt_1p_restored",))):
+        keys = sorted(k for k in res if k.startswith(saved_tag + "/"))
+        assert len(keys) >= 10, keys
+        for restored_tag in restored_tags:
+            for key in keys:
+                got = res[key.replace(saved_tag, restored_tag, 1)]
+                ok = np.array_equal(got, res[key]) and got.dtype == res[key].dtype
+                diffs[f"{restored_tag} == saved: {key.split('/', 1)[1]}"] = (
+                    0.0 if ok else float("inf"), 0.0)
+    exact("resume on 2 processes from ckpt_2p == uninterrupted, bit for bit",
+          res["resume_2p_bit_identical"], True)
+    for tag in ("resume_1to2", "resume_2to1"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(truth)[0]:
+            name = f"{tag}/state{jax.tree_util.keystr(path)}"
+            close(f"{tag}: {jax.tree_util.keystr(path)} vs 1 process", res[name], leaf,
+                  ATOL_PROCESS)
     return diffs
 
 
@@ -278,9 +305,26 @@ def _train_truth():
 
 
 def run_two_processes(tmp_path: Path) -> dict[str, np.ndarray]:
+    """One process writes a checkpoint, 2 processes run every check, 1 restores theirs."""
+    saved_1p = W.train_one_process(W.CKPT_STEP)
+    save_sharded_checkpoint(tmp_path / "ckpt_1p", saved_1p)
     launch(tmp_path)
     with np.load(tmp_path / "results.npz") as f:
-        return dict(f)
+        res = dict(f)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_np(saved_1p))[0]:
+        res[f"ckpt_1p_saved/state{jax.tree_util.keystr(path)}"] = leaf
+    # 2 processes wrote ckpt_2p; restore it here, on 1 process and 1 device.
+    params, stats = W.init_model()
+    target = {"params": params, "batch_stats": stats, "opt_state": W.OPTIMIZER.init(params),
+              "step": 0}
+    restored = restore_sharded_checkpoint(tmp_path / "ckpt_2p", target)
+    assert isinstance(restored["step"], int), type(restored["step"])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_np(restored))[0]:
+        res[f"ckpt_2p_on_1p/state{jax.tree_util.keystr(path)}"] = leaf
+    resumed = W.train_one_process(W.STEPS - restored["step"], restored, first=restored["step"])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_np(resumed))[0]:
+        res[f"resume_2to1/state{jax.tree_util.keystr(path)}"] = leaf
+    return res
 
 
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
