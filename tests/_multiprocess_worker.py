@@ -395,6 +395,17 @@ def _put(res, tag, **values):
 # --- entry point --------------------------------------------------------------------------
 
 
+def die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the launcher dies, however it dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coordinator", required=True)
@@ -406,6 +417,7 @@ def main(argv=None) -> int:
     parser.add_argument("--init-timeout", type=int, default=60)
     args = parser.parse_args(argv)
     pid = args.process_id
+    die_with_parent()
 
     if args.scenario == "never_join" and pid == args.num_processes - 1:
         print(f"process {pid} (pid {os.getpid()}): never joining", flush=True)
