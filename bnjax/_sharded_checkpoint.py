@@ -97,6 +97,7 @@ def save_sharded_checkpoint(
         [name, list(np.shape(v)), np.dtype(v.dtype).name, fp]
         for name, v, fp in zip(names, values, _fingerprints(values), strict=True)
     ]
+    _barrier("bnjax_save_sharded_checkpoint_checked")  # all looked before anyone writes
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)  # uncommitted until the new one is written
