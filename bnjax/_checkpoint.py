@@ -13,7 +13,8 @@ simplest thing that cannot be half-written, needs no background threads or direc
 layout, and is read back byte for byte. Restoring always goes through a *target*
 pytree, and the manifest must match it exactly (same paths, shapes, dtypes): there is
 no partial or "best effort" load. A truncated or corrupted file fails to decode or
-fails the digest. (For multi-host sharded states, use orbax-checkpoint.)
+fails the digest. For states sharded over several processes, `save_sharded_checkpoint`
+(`_sharded_checkpoint.py`, Orbax) writes every process's shards with the same guarantees.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Any, *, overwrite: bool
       FileExistsError: `path` exists and `overwrite` is False.
       TypeError: a leaf is not an array or scalar (e.g. a typed PRNG key: save
         `jax.random.key_data(key)` instead).
+      ValueError: a leaf is sharded over devices of other processes (use
+        `save_sharded_checkpoint`).
       ImportError: flax is not installed (`pip install bnjax[flax]`).
 
     Example:
@@ -197,7 +200,8 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
         return (), "int"
     if isinstance(leaf, float):
         return (), "float"
-    return tuple(np.shape(leaf)), np.dtype(leaf.dtype).name
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+    return tuple(shape), np.dtype(leaf.dtype).name
 
 
 def _dtype_matches(saved: str, target: str) -> bool:
@@ -212,6 +216,12 @@ def _to_numpy(key_path: Any, leaf: Any) -> np.ndarray:
         raise TypeError(
             f"save_checkpoint: {jax.tree_util.keystr(key_path)} is a typed PRNG key; save "
             "`jax.random.key_data(key)` and rebuild it with `jax.random.wrap_key_data`."
+        )
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        raise ValueError(
+            f"save_checkpoint: {jax.tree_util.keystr(key_path)} is sharded over devices of "
+            "other processes, so this process cannot write it to one file; save the state "
+            "from every process with `bnjax.deploy.save_sharded_checkpoint` instead."
         )
     try:
         value = np.asarray(jax.device_get(leaf))

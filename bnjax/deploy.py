@@ -8,7 +8,9 @@
   example do not depend on its batch-mates or the batch size.
 - Checkpoints: `save_checkpoint` / `restore_checkpoint` store a training state
   (params, batch_stats, opt_state, step) losslessly in one file; a corrupted or
-  mismatched file raises `CheckpointError`.
+  mismatched file raises `CheckpointError`. `save_sharded_checkpoint` /
+  `restore_sharded_checkpoint` do the same for states sharded over many processes
+  (Orbax; every process writes its shards; restore on any process count or mesh).
 
 See `docs/deployment.md`.
 """
@@ -24,6 +26,10 @@ from bnjax._fold import fold_batchnorms as fold_batchnorms
 from bnjax._fold import fold_into_kernel as fold_into_kernel
 from bnjax._precise_bn import precise_bn as precise_bn
 from bnjax._precise_bn import update_bn as update_bn
+from bnjax._sharded_checkpoint import (
+    restore_sharded_checkpoint as restore_sharded_checkpoint,
+)
+from bnjax._sharded_checkpoint import save_sharded_checkpoint as save_sharded_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +41,8 @@ __all__ = [
     "fold_into_kernel",
     "precise_bn",
     "restore_checkpoint",
+    "restore_sharded_checkpoint",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "update_bn",
 ]

@@ -17,6 +17,7 @@ MODULES = [
     "bnjax._precise_bn",
     "bnjax._eval_check",
     "bnjax._checkpoint",
+    "bnjax._sharded_checkpoint",
     "bnjax.linen",
     "bnjax.nnx",
     "bnjax.flax_interop",
