@@ -71,19 +71,11 @@ def micro() -> StatsPolicy:
       False
     """
 
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
-
     def update(state, stats_in, stats_out, reports, accum_steps):
         del stats_in, reports, accum_steps
         return stats_out, state
 
-    def finish(state, batch_stats, stats_last, reports, accum_steps):
-        del state, batch_stats, reports, accum_steps
-        return stats_last
-
-    return StatsPolicy(init, update, finish, needs_reports=False)
+    return StatsPolicy(_no_state, update, _last_stats, needs_reports=False)
 
 
 def corrected() -> StatsPolicy:
@@ -99,10 +91,6 @@ def corrected() -> StatsPolicy:
       >>> bnjax.training.corrected().needs_reports
       True
     """
-
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
 
     def update(state, stats_in, stats_out, reports, accum_steps):
         layers = trained_layers(stats_in, reports, "corrected")
@@ -120,11 +108,7 @@ def corrected() -> StatsPolicy:
             _set(new, path, _core.update_stats(_get(stats_in, path), report.moments, momentum=mk))
         return new, state
 
-    def finish(state, batch_stats, stats_last, reports, accum_steps):
-        del state, batch_stats, reports, accum_steps
-        return stats_last
-
-    return StatsPolicy(init, update, finish, needs_reports=True)
+    return StatsPolicy(_no_state, update, _last_stats, needs_reports=True)
 
 
 def full() -> StatsPolicy:
@@ -144,10 +128,6 @@ def full() -> StatsPolicy:
       True
     """
 
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
-
     def update(state, stats_in, stats_out, reports, accum_steps):
         del accum_steps
         new = _copy(stats_out)
@@ -166,7 +146,20 @@ def full() -> StatsPolicy:
             _set(new, path, updated)
         return new
 
-    return StatsPolicy(init, update, finish, needs_reports=True)
+    return StatsPolicy(_no_state, update, finish, needs_reports=True)
+
+
+def _no_state(batch_stats: PyTree, accum_steps: int) -> None:
+    """`init` of a policy that keeps no state across micro-batches."""
+    del batch_stats, accum_steps
+
+
+def _last_stats(
+    state: Any, batch_stats: PyTree, stats_last: PyTree, reports: PyTree, accum_steps: int
+) -> PyTree:
+    """`finish` of a policy whose scan already produced the final statistics."""
+    del state, batch_stats, reports, accum_steps
+    return stats_last
 
 
 def pool_moments(moments: Moments) -> Moments:
