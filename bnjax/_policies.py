@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -196,11 +197,9 @@ def corrected_momentum(momentum: float, accum_steps: int) -> float:
     return -math.expm1(math.log1p(-momentum) / accum_steps)
 
 
-_POLICIES: dict[str, Callable[[], StatsPolicy]] = {
-    "micro": micro,
-    "corrected": corrected,
-    "full": full,
-}
+_POLICIES: Mapping[str, Callable[[], StatsPolicy]] = MappingProxyType(
+    {"micro": micro, "corrected": corrected, "full": full}
+)
 
 
 def resolve(stats_policy: str | StatsPolicy) -> StatsPolicy:
