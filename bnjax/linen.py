@@ -18,6 +18,11 @@ number is computed by `bnjax.apply`.
     y, updates = Net().apply(variables, x, train=True, mutable=["batch_stats"])
     y = Net().apply({**variables, **updates}, x, train=False)
 
+Whole-model tools read each BatchNorm through its `bnjax.BatchNormReport` (settings
+and batch moments), which the module sows into the collection `REPORTS` only when the
+caller makes it mutable: `mutable=["batch_stats", bnjax.linen.REPORTS]`, then
+`bnjax.collect_reports(updates[bnjax.linen.REPORTS])`.
+
 This submodule imports `flax`; `import bnjax` alone does not.
 """
 

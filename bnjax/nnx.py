@@ -17,6 +17,12 @@ State can be taken out and threaded explicitly with `nnx.split` / `nnx.merge`:
 
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
+Whole-model tools read each BatchNorm through its `bnjax.BatchNormReport` (settings
+and batch moments), recorded only under `nnx.capture(model, bnjax.nnx.Reports)`:
+
+    y, reports = nnx.capture(model, bnjax.nnx.Reports)(x)
+    reports = bnjax.collect_reports(reports)   # aligned with the BatchStat paths
+
 This submodule imports `flax`; `import bnjax` alone does not.
 """
 
