@@ -7,14 +7,13 @@ where the two conventions agree.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, drifting_batch, load_fixture
 from flax.training import train_state
 
 import bnjax
@@ -23,12 +22,8 @@ import bnjax.linen as bl
 KEY = jax.random.key(0)
 
 
-def _close(a, b, rtol=1e-6, atol=1e-6):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
-
-
-def _batch(rng, shape, step):
-    return jnp.asarray(rng.normal(size=shape) * (1.0 + 0.5 * step) + 2.0 - step, jnp.float32)
+_close = assert_trees_close
+_batch = drifting_batch
 
 
 # Several configurations: layouts, affine / tracking on and off, cumulative momentum,
@@ -419,7 +414,6 @@ def test_missing_mode_and_bad_hyperparameters(trained):
 
 # --------------------------------------------------------------------------- PyTorch fixtures
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -432,13 +426,6 @@ class _SmallNet(nn.Module):
             x = nn.Conv(c, (3, 3), padding=1, precision=_HI, name=f"conv{i}")(x)
             x = nn.relu(bl.BatchNorm(name=f"bn{i}")(x, train=train))
         return nn.Dense(10, precision=_HI, name="fc")(x.mean(axis=(1, 2)))
-
-
-def _load_fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"PyTorch fixture {path} not found (scripts/export_torch_fixtures.py)")
-    return dict(np.load(path))
 
 
 def _torch_to_flax(f, prefix, index=None, *, stats=True):
@@ -482,7 +469,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated
     gradients and parameters after every step, all as PyTorch computed them."""
-    f = _load_fixture("c_accumulation.npz")
+    f = load_fixture("c_accumulation.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
@@ -516,7 +503,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
 def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     """Scenario d: BN in eval mode (running statistics of a pretrained net): logits
     and the gradients of the convolutions and the classifier, as PyTorch's."""
-    f = _load_fixture("d_frozen_bn.npz")
+    f = load_fixture("d_frozen_bn.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"][:16], (0, 2, 3, 1))
@@ -528,3 +515,34 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     _close(dict(new_stats), stats, 0, 0)
     want, _ = _torch_to_flax(f, "grad_step", 0, stats=False)
     _close({k: grads[k] for k in want}, want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- weight only
+
+
+def test_use_bias_false_is_pytorchs_bias_false():
+    """params {"weight"} alone (PyTorch 2.13's BatchNorm2d(C, bias=False)), float64 reference."""
+    from reference import ref_batchnorm
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4, 3)), jnp.float32)
+    bn = bl.BatchNorm(use_bias=False, momentum=0.2)
+    variables = bn.init(jax.random.key(0), x, train=False)
+    assert set(variables["params"]) == {"weight"}
+    variables = {**variables, "params": {"weight": jnp.array([0.5, 1.0, 2.0])}}
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats = jax.tree.map(np.asarray, variables["batch_stats"])
+    y_ref, new_ref = ref_batchnorm(x, [0.5, 1.0, 2.0], None, stats, train=True, momentum=0.2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["running_var"], new_ref["running_var"], rtol=1e-6
+    )
+    assert (
+        set(
+            bl.BatchNorm(use_scale=False, use_bias=False)
+            .init(jax.random.key(0), x, train=False)
+            .get("params", {})
+        )
+        == set()
+    )
+    with pytest.raises(ValueError, match="use_scale=False with use_bias=True"):
+        bl.BatchNorm(use_scale=False).init(jax.random.key(0), x, train=False)

@@ -16,14 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    HI,
+    assert_state_dict_close,
+    assert_trees_close,
+    fixture_state_dict,
+    load_fixture,
+)
 from reference import ref_moments
 
 import bnjax
 from bnjax import training
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 K, B = 4, 8
-_HI = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the tolerances are float32's
+_HI = HI
 M1, M2 = 0.1, 0.3  # momenta of bn1 (on the data) and bn2 (downstream)
 M3 = {"corrected": 0.2}  # bn3's momentum: None (cumulative) except where it cannot be
 
@@ -55,15 +61,23 @@ def _tiny_init():
     return params, stats
 
 
-def _tiny_loss(params, stats, batch, m3=None):
+def _tiny_loss(params, stats, batch, m3=None, with_reports=False):
+    """The tiny model; `with_reports` also returns each BatchNorm's report (third aux)."""
     x, t = batch
-    new = {}
-    h1, new["bn1"] = bnjax.apply(params["bn1"], stats["bn1"], x, True, momentum=M1)
-    h3, new["bn3"] = bnjax.apply(params["bn3"], stats["bn3"], x, True, momentum=m3)
+    new, reports = {}, {}
+
+    def bn(name, momentum, h):
+        layer = bnjax.batch_norm(momentum=momentum)
+        y, moments = layer.normalize(params[name], stats[name], h, True)
+        new[name], reports[name] = layer.update(stats[name], moments), layer.report(moments)
+        return y
+
+    h1, h3 = bn("bn1", M1, x), bn("bn3", m3, x)
     z = jnp.dot(h1 + 0.5 * h3, params["dense"]["w"], precision=_HI) + params["dense"]["b"]
-    h2, new["bn2"] = bnjax.apply(params["bn2"], stats["bn2"], z, True, momentum=M2)
+    h2 = bn("bn2", M2, z)
     pred = jnp.dot(jnp.tanh(h2), params["head"], precision=_HI)
-    return jnp.mean((pred - t) ** 2), (new, {"pred": pred})
+    aux = {"pred": pred}
+    return jnp.mean((pred - t) ** 2), ((new, aux, reports) if with_reports else (new, aux))
 
 
 def _tiny_data(k=K, b=B, seed=1):
@@ -106,20 +120,12 @@ def _plain_step(loss_fn, optimizer):
     return step
 
 
-def _assert_trees_close(actual, expected, rtol, atol=0.0):
-    jax.tree.map(
-        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol, atol),
-        actual,
-        expected,
-    )
-
-
 @functools.cache
 def _run_tiny(policy, k=K, reduction="mean"):
     """One jitted accumulated step of the tiny model (cached: one compile per config)."""
     params, stats = _tiny_init()
     opt = optax.sgd(0.05, momentum=0.9)
-    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy))
+    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy), with_reports=True)
     step = training.make_train_step(
         loss_fn, opt, accum_steps=k, grad_reduction=reduction, stats_policy=policy
     )
@@ -138,7 +144,7 @@ def test_k1_every_policy_is_the_plain_step(policy):
     plain = jax.jit(_plain_step(loss_fn, opt))(params, stats, opt.init(params), (x[0], t[0]))
     got = _run_tiny(policy, k=1)
     # k = 1 runs the body once, without a loop: the same numbers as the plain step.
-    _assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
+    assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[3].loss, [plain[3]], rtol=1e-6)
     assert got[3].aux["pred"].shape == (1, B)
 
@@ -157,14 +163,14 @@ def test_gradients_are_the_mean_or_sum_over_micro_batches():
         new_params = _run_tiny("micro", reduction=reduction)[0]
         moved = jax.tree.map(lambda a, b: (a - b) / 0.05, params, new_params)
         expected = jax.tree.map(lambda g, scale=scale: scale * g, mean)
-        _assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
+        assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_policies_change_only_the_statistics():
     micro, full, corrected = (_run_tiny(p) for p in ("micro", "full", "corrected"))
     for other in (full, corrected):
-        _assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
-        _assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
+        assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
+        assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
 
 
 # --------------------------------------------------------------------------- 3. statistics
@@ -242,30 +248,76 @@ def test_corrected_statistics_match_the_closed_form():
         assert int(got[name]["num_batches_tracked"]) == int(s0[name]["num_batches_tracked"]) + K
 
 
-def test_corrected_refuses_momentum_none_and_full_refuses_copied_stats():
+def test_corrected_refuses_momentum_none_and_full_refuses_a_layer_updated_twice():
     params, stats = _tiny_init()
     opt = optax.sgd(0.1)
     batch = _tiny_data()
     args = (params, stats, opt.init(params), batch)
-    step = training.make_train_step(_tiny_loss, opt, accum_steps=K, stats_policy="corrected")
-    with pytest.raises(ValueError, match="momentum=None"):
+    reporting = functools.partial(_tiny_loss, with_reports=True)
+    step = training.make_train_step(reporting, opt, accum_steps=K, stats_policy="corrected")
+    with pytest.raises(ValueError, match="'bn3' uses momentum=None"):
         jax.eval_shape(step, *args)
+
+    # A shared layer called twice per micro-batch: its two reports stack.
+    nn = pytest.importorskip("flax.linen")
+    import bnjax.linen
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            bn = bnjax.linen.BatchNorm()
+            return bn(bn(x, train=True), train=True)
+
+    x = batch[0]
+    variables = Twice().init(jax.random.key(0), x[0])
+
+    def twice(p, s, xb):
+        y, upd = Twice().apply(
+            {"params": p, "batch_stats": s}, xb, mutable=["batch_stats", bnjax.linen.REPORTS]
+        )
+        return jnp.mean(y), (upd["batch_stats"], None, upd[bnjax.linen.REPORTS])
+
+    p, s = variables["params"], variables["batch_stats"]
+    for policy in ("full", "corrected"):
+        step = training.make_train_step(twice, opt, accum_steps=K, stats_policy=policy)
+        with pytest.raises(ValueError, match="BatchNorm_0' was updated 2 times"):
+            jax.eval_shape(step, p, s, opt.init(p), x)
+
+
+def test_full_and_corrected_say_how_to_return_reports():
+    """A loss_fn without reports: the error names the linen, nnx and functional recipes."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.1)
+    for policy in ("full", "corrected"):
+        step = training.make_train_step(_tiny_loss, opt, accum_steps=K, stats_policy=policy)
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)returned none.*bnjax\.linen\.REPORTS.*"
+            r"nnx\.capture.*bn\.report",
+        ):
+            jax.eval_shape(step, params, stats, opt.init(params), _tiny_data())
+
+    def missing_bn2(p, s, b):
+        loss, (new, aux, reports) = _tiny_loss(p, s, b, with_reports=True)
+        return loss, (new, aux, {k: v for k, v in reports.items() if k != "bn2"})
+
+    step = training.make_train_step(missing_bn2, opt, accum_steps=K, stats_policy="full")
+    with pytest.raises(ValueError, match="'bn2' returned no report.*variable_axes"):
+        jax.eval_shape(step, params, stats, opt.init(params), _tiny_data())
+
+
+def test_statistics_copied_or_cast_inside_loss_fn_are_fine():
+    """Reports carry the moments: no need to read the statistics straight from the input."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
 
     def copying_loss(p, s, b):
-        return _tiny_loss(p, jax.tree.map(lambda a: a * 1, s), b)
+        s = jax.tree.map(lambda a: (a * 1).astype(a.dtype), s)
+        return _tiny_loss(p, s, b, m3=None, with_reports=True)
 
     step = training.make_train_step(copying_loss, opt, accum_steps=K, stats_policy="full")
-    with pytest.raises(ValueError, match="straight from the batch_stats"):
-        jax.eval_shape(step, *args)
-
-    def twice(p, s, b):
-        y, s1 = bnjax.apply(p["bn1"], s["bn1"], b[0], True)
-        _, s2 = bnjax.apply(p["bn1"], s1, y, True)
-        return jnp.mean(y), ({**s, "bn1": s2}, None)
-
-    step = training.make_train_step(twice, opt, accum_steps=K, stats_policy="full")
-    with pytest.raises(ValueError, match="twice"):
-        jax.eval_shape(step, *args)
+    got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
+    assert_trees_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_configuration_and_batches_raise_clear_errors():
@@ -329,7 +381,8 @@ def test_one_scan_whatever_k(policy):
     opt = optax.sgd(0.1)
     sizes = []
     for k in (2, 8):
-        step = training.make_train_step(_tiny_loss, opt, accum_steps=k, stats_policy=policy)
+        loss_fn = functools.partial(_tiny_loss, with_reports=True)
+        step = training.make_train_step(loss_fn, opt, accum_steps=k, stats_policy=policy)
         args = (params, stats, opt.init(params), _tiny_data(k))
         jaxpr = jax.make_jaxpr(step)(*args).jaxpr
         assert _count_eqns(jaxpr, "scan") == 1
@@ -346,35 +399,11 @@ def _small_net():
     return pytest.importorskip("small_net", reason="tests/small_net.py not present")
 
 
-def _fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (run scripts/export_torch_fixtures.py)")
-    return dict(np.load(path))
-
-
-def _state_dict(fx, prefix, index=None):
-    sd = {}
-    for key, value in fx.items():
-        if key.startswith(prefix + "/"):
-            sd[key[len(prefix) + 1 :]] = value if index is None else value[index]
-    return sd
-
-
-def _assert_state_dict_close(actual, expected, rtol, atol):
-    assert sorted(actual) == sorted(expected)
-    for key in expected:
-        if key.endswith("num_batches_tracked"):
-            assert int(actual[key]) == int(expected[key]), key
-        else:
-            np.testing.assert_allclose(actual[key], expected[key], rtol, atol, err_msg=key)
-
-
 def test_micro_reproduces_the_pytorch_accumulation_fixture():
     """Scenario c: 4 micro-batches of 8 per SGD-momentum step, (loss / 4).backward()."""
     net = _small_net()
-    fx = _fixture("c_accumulation.npz")
-    params, stats = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    fx = load_fixture("c_accumulation.npz")
+    params, stats = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = optax.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
     step = jax.jit(training.make_train_step(net.loss_fn, opt, accum_steps=4))
@@ -386,16 +415,16 @@ def test_micro_reproduces_the_pytorch_accumulation_fixture():
         params, stats, opt_state, metrics = step(params, stats, opt_state, micro)
         losses.append(metrics.loss)
         logits.append(metrics.aux["logits"])
-        _assert_state_dict_close(
+        assert_state_dict_close(
             net.to_torch_state_dict(params, stats),
-            _state_dict(fx, "sd_step", s),
+            fixture_state_dict(fx, "sd_step", s),
             rtol=1e-4,
             atol=1e-5,
         )
     np.testing.assert_allclose(np.concatenate(losses), fx["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.concatenate(logits), fx["logits"], rtol=1e-4, atol=1e-5)
-    _assert_state_dict_close(
-        net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_final"), 1e-4, 1e-5
+    assert_state_dict_close(
+        net.to_torch_state_dict(params, stats), fixture_state_dict(fx, "sd_final"), 1e-4, 1e-5
     )
 
 
@@ -407,10 +436,15 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
     independent), and the BN weights and statistics stay bit-identical either way.
     """
     net = _small_net()
-    fx = _fixture("d_frozen_bn.npz")
-    params0, stats0 = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    fx = load_fixture("d_frozen_bn.npz")
+    params0, stats0 = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = training.freeze_batchnorm(optax.sgd(0.1, momentum=0.9), params0, stats0)
-    loss_fn = functools.partial(net.loss_fn, train=False)
+    eval_reports = {name: bnjax.batch_norm().report(None) for name in ("bn1", "bn2")}
+
+    def loss_fn(params, stats, batch):  # eval-mode BatchNorms report no moments
+        loss, (new_stats, aux) = net.loss_fn(params, stats, batch, train=False)
+        return loss, (new_stats, aux, eval_reports)
+
     step = jax.jit(training.make_train_step(loss_fn, opt, accum_steps=k, stats_policy=policy))
     params, stats, opt_state = params0, stats0, opt.init(params0)
     x = net.nchw_to_nhwc(fx["x"])
@@ -419,8 +453,8 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
         batch = training.split_micro_batches((x[16 * s : 16 * s + 16], y[16 * s : 16 * s + 16]), k)
         params, stats, opt_state, metrics = step(params, stats, opt_state, batch)
         np.testing.assert_allclose(jnp.mean(metrics.loss), fx["loss"][s], rtol=1e-5)
-        _assert_state_dict_close(
-            net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_step", s), 1e-4, 1e-5
+        assert_state_dict_close(
+            net.to_torch_state_dict(params, stats), fixture_state_dict(fx, "sd_step", s), 1e-4, 1e-5
         )
     for name in ("bn1", "bn2"):
         for tree, tree0 in ((params, params0), (stats, stats0)):
@@ -473,10 +507,12 @@ def test_full_pools_masked_micro_batches_by_their_valid_counts():
     x, _ = _tiny_data()
     p, s0 = bnjax.init(3)
 
+    bn = bnjax.batch_norm(momentum=0.2)
+
     def loss_fn(params, stats, batch):
         xb, mb = batch
-        y, new = bnjax.apply(params, stats, xb, True, momentum=0.2, mask=mb)
-        return jnp.mean(y**2), (new, None)
+        y, moments = bn.normalize(params, stats, xb, True, mask=mb)
+        return jnp.mean(y**2), (bn.update(stats, moments), None, bn.report(moments))
 
     opt = optax.sgd(0.1)
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
@@ -505,9 +541,13 @@ def test_flax_linen_model_with_full_policy():
     def loss_fn(params, stats, batch):
         xb, tb = batch
         pred, updates = net.apply(
-            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": stats},
+            xb,
+            train=True,
+            mutable=["batch_stats", bnjax.linen.REPORTS],
         )
-        return jnp.mean((pred - tb) ** 2), (updates["batch_stats"], None)
+        loss = jnp.mean((pred - tb) ** 2)
+        return loss, (updates["batch_stats"], None, updates[bnjax.linen.REPORTS])
 
     opt = training.freeze_batchnorm(optax.sgd(0.1), variables["params"], variables["batch_stats"])
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
@@ -559,8 +599,9 @@ def test_flax_nnx_model_through_split_and_merge(policy):
     def loss_fn(params, stats, batch):
         xb, tb = batch
         model = nnx.merge(graphdef, params, stats)
-        loss = jnp.mean((model(xb) - tb) ** 2)
-        return loss, (nnx.state(model, nnx.BatchStat), None)
+        pred, reports = nnx.capture(model, bnjax.nnx.Reports)(xb)
+        loss = jnp.mean((pred - tb) ** 2)
+        return loss, (nnx.state(model, nnx.BatchStat), None, reports)
 
     opt = optax.sgd(0.1)
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy=policy)
@@ -582,3 +623,13 @@ def test_flax_nnx_model_through_split_and_merge(policy):
     assert metrics.loss.shape == (K,)
     # One optimizer update with the mean gradient moved the Linear layer.
     assert not np.array_equal(new_params["out"]["kernel"][...], params["out"]["kernel"][...])
+
+
+def test_functional_model_under_jax_checkpoint():
+    """`jax.checkpoint` around the functional loss_fn (reports are ordinary outputs)."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
+    loss_fn = jax.checkpoint(functools.partial(_tiny_loss, m3=None, with_reports=True))
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
+    got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
+    assert_trees_close(got[:2], _run_tiny("full")[:2], rtol=1e-6, atol=1e-7)
