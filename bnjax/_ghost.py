@@ -34,9 +34,12 @@ Array = jax.Array
 
 
 def check_virtual_batch_size(
-    virtual_batch_size: Any, x_shape: tuple[int, ...], axes: tuple[int, ...], who: str
+    virtual_batch_size: Any, x_shape: tuple[int, ...] | None, axes: tuple[int, ...], who: str
 ) -> int | None:
-    """A positive int dividing the batch axis 0, which must not be a feature axis."""
+    """A positive int dividing the batch axis 0, which must not be a feature axis.
+
+    With `x_shape=None` only the value is checked (a layer's configuration).
+    """
     vbs = virtual_batch_size
     if vbs is None:
         return None
@@ -46,6 +49,8 @@ def check_virtual_batch_size(
             f"batch) or None, got {vbs!r}."
         )
     vbs = int(vbs)
+    if x_shape is None:
+        return vbs
     if not x_shape or 0 in axes:
         raise ValueError(
             f"{who}: `virtual_batch_size` cuts the batch axis 0 into ghost batches, but x "

@@ -183,8 +183,12 @@ def make_train_step(
         which is fast on CPU but compiles longer.
 
     Returns:
-      `step(params, batch_stats, opt_state, batch) -> (params, batch_stats,
-      opt_state, metrics)`, a pure function to wrap in `jax.jit`. Every leaf of
+      `step(params, batch_stats, opt_state, batch, *loss_args) -> (params,
+      batch_stats, opt_state, metrics)`, a pure function to wrap in `jax.jit`.
+      `loss_args` (none by default) reach every micro-batch's call as
+      `loss_fn(params, batch_stats, micro_batch, *loss_args)`: values that change
+      from step to step without recompiling, e.g. a Batch Renormalization
+      `rmax`/`dmax` ramp (`bnjax.Renorm(rmax=rmax_t, ...)` inside `loss_fn`). Every leaf of
       `batch` has a leading axis of size k (use `split_micro_batches` on a flat
       batch of k*B). `metrics` is a `StepMetrics` of the k losses and auxes.
 
@@ -222,7 +226,7 @@ def make_train_step(
     k = accum_steps
     policy = "micro" if k == 1 else stats_policy
 
-    def step(params, batch_stats, opt_state, batch):
+    def step(params, batch_stats, opt_state, batch, *loss_args):
         _check_batch(batch, k)
         s0, stats_def = jax.tree.flatten(batch_stats)
         static: dict[str, Any] = {}  # filled while tracing: the layers (static info)
@@ -230,11 +234,11 @@ def make_train_step(
         def traced_loss(p, stats_leaves, micro_batch):
             stats = jax.tree.unflatten(stats_def, stats_leaves)
             if policy == "micro":
-                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch)
+                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch, *loss_args)
                 new_leaves = _check_new_stats(new_stats, stats_def, stats_leaves)
                 return loss, (new_leaves, aux, [])
             with _accumulate.observe_updates() as records:
-                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch)
+                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch, *loss_args)
             new_leaves = _check_new_stats(new_stats, stats_def, stats_leaves)
             layers, counts = _accumulate.match_layers(records, stats_leaves, policy)
             if policy == "corrected":
