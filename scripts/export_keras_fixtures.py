@@ -53,15 +53,17 @@ MOMENTUM = 0.8  # Keras's: bnjax's momentum=0.2
 RENORM_MOMENTUM = 0.7  # Keras's: bnjax's Renorm(momentum=0.3)
 EPSILON = 1e-3  # Keras's default, 100x PyTorch's: the eps placement shows
 
+CLIP = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}}
+NOCLIP = {"renorm": True, "renorm_clipping": {"rmax": 100.0, "rmin": 0.01, "dmax": 100.0}}
 # name: (x shape per step, Keras layer kwargs beyond the common ones)
 SCENARIOS = {
-    "renorm_clip_2d": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}}),
-    "renorm_noclip_2d": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 100.0, "rmin": 0.01, "dmax": 100.0}}),
-    "renorm_clip_4d": ((4, 3, 3, 2), {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}}),
-    "renorm_noclip_4d": ((4, 3, 3, 2), {"renorm": True, "renorm_clipping": {"rmax": 100.0, "rmin": 0.01, "dmax": 100.0}}),
+    "renorm_clip_2d": ((8, 3), CLIP),
+    "renorm_noclip_2d": ((8, 3), NOCLIP),
+    "renorm_clip_4d": ((4, 3, 3, 2), CLIP),
+    "renorm_noclip_4d": ((4, 3, 3, 2), NOCLIP),
     "ghost_2d": ((8, 3), {"virtual_batch_size": 4}),
     "ghost_4d": ((6, 2, 2, 3), {"virtual_batch_size": 2}),
-    "ghost_renorm_4d": ((6, 2, 2, 3), {"virtual_batch_size": 3, "renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}}),
+    "ghost_renorm_4d": ((6, 2, 2, 3), {"virtual_batch_size": 3, **CLIP}),
 }
 
 
@@ -102,12 +104,18 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
             loss = tf.reduce_sum(y * g)
         dx, dgamma, dbeta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
         plain(xt, training=True)
-        out.update({
-            f"x_{t}": x, f"g_{t}": g, f"y_{t}": y.numpy(), f"dx_{t}": dx.numpy(),
-            f"dgamma_{t}": dgamma.numpy().reshape(c), f"dbeta_{t}": dbeta.numpy().reshape(c),
-            f"moving_mean_{t}": layer.moving_mean.numpy().reshape(c),
-            f"moving_variance_{t}": layer.moving_variance.numpy().reshape(c),
-        })
+        out.update(
+            {
+                f"x_{t}": x,
+                f"g_{t}": g,
+                f"y_{t}": y.numpy(),
+                f"dx_{t}": dx.numpy(),
+                f"dgamma_{t}": dgamma.numpy().reshape(c),
+                f"dbeta_{t}": dbeta.numpy().reshape(c),
+                f"moving_mean_{t}": layer.moving_mean.numpy().reshape(c),
+                f"moving_variance_{t}": layer.moving_variance.numpy().reshape(c),
+            }
+        )
         if kwargs.get("renorm"):
             out[f"renorm_mean_{t}"] = layer.renorm_mean.numpy().reshape(c)
             out[f"renorm_stddev_{t}"] = layer.renorm_stddev.numpy().reshape(c)
@@ -118,13 +126,22 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
     meta = {
         "command": COMMAND,
         "scenario": name,
-        "keras_kwargs": {"axis": -1, "momentum": MOMENTUM, "epsilon": EPSILON, "fused": False,
-                         **kwargs,
-                         **({"renorm_momentum": RENORM_MOMENTUM} if kwargs.get("renorm") else {})},
+        "keras_kwargs": {
+            "axis": -1,
+            "momentum": MOMENTUM,
+            "epsilon": EPSILON,
+            "fused": False,
+            **kwargs,
+            **({"renorm_momentum": RENORM_MOMENTUM} if kwargs.get("renorm") else {}),
+        },
         "steps": STEPS,
         "seed": seed,
-        "versions": {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        "versions": {
+            "tensorflow": tf.__version__,
+            "tf_keras": tf_keras.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
     }
     out["__meta__"] = np.array(json.dumps(meta))
     return out
