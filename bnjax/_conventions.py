@@ -24,25 +24,28 @@ STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 # The key sets a BatchNorm's `params` may have: affine, PyTorch's `bias=False`, none.
 PARAM_KEY_SETS = (frozenset(PARAM_KEYS), frozenset({"weight"}), frozenset())
 _STAT_KEY_SET = frozenset(STAT_KEYS)
+# Batch Renormalization's own statistics, beside STAT_KEYS in a renorm layer's dict.
+RENORM_KEYS = ("renorm_mean", "renorm_std")
+_RENORM_STAT_KEY_SET = _STAT_KEY_SET | frozenset(RENORM_KEYS)
 
 
 def is_batch_stats(node: Any) -> bool:
-    """Whether `node` is one BatchNorm's statistics: a mapping with exactly `STAT_KEYS`."""
-    return isinstance(node, Mapping) and set(node) == _STAT_KEY_SET
+    """Whether `node` is one BatchNorm's statistics: a mapping with exactly `STAT_KEYS`
+    (and `RENORM_KEYS` for a Batch Renormalization layer)."""
+    return isinstance(node, Mapping) and set(node) in (_STAT_KEY_SET, _RENORM_STAT_KEY_SET)
 
 
 def to_plain_dict(tree: Any) -> Any:
     """Nested plain `dict`s from any nesting of mappings (`FrozenDict`, `nnx.State`).
 
-    Leaves (and non-mapping containers) are returned as they are; the input is not
-    modified. An `nnx.State` is read through its `to_pure_dict`, so nnx `Variable`
-    boxes become their values.
+    Leaves (and non-mapping containers) are returned as they are, except nnx
+    `Variable` boxes, which become their values; the input is not modified.
     """
-    to_pure = getattr(tree, "to_pure_dict", None)
-    if callable(to_pure):
-        tree = to_pure()
     if isinstance(tree, Mapping):
         return {k: to_plain_dict(v) for k, v in tree.items()}
+    get_value = getattr(tree, "get_value", None)  # an nnx Variable
+    if callable(get_value):
+        return to_plain_dict(get_value())
     return tree
 
 

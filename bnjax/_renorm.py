@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bnjax._conventions import RENORM_KEYS
 from bnjax._stats import Moments
 
 Array = jax.Array
@@ -36,7 +37,6 @@ Array = jax.Array
 #: not checked), or a schedule `step -> value` of the layer's `num_batches_tracked`.
 Bound = float | Array | Callable[[Array], Any] | None
 
-RENORM_KEYS = ("renorm_mean", "renorm_std")
 
 
 class Renorm(NamedTuple):
