@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,8 @@ import numpy as np
 import bnjax
 
 FIXTURES = Path(__file__).parent / "fixtures"
+F32 = {"rtol": 1e-5, "atol": 1e-5}
+F32_PARAM_GRADS = {"rtol": 1e-5, "atol": 5e-5}
 
 
 def load(name: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -128,3 +131,23 @@ def unclipped_corrections(arrays: dict, meta: dict) -> list[tuple[np.ndarray, np
         mu = arrays[f"renorm_mean_{t}"].astype(np.float64)
         sigma = arrays[f"renorm_stddev_{t}"].astype(np.float64)
     return out
+
+
+def check_against_keras(name: str, *, jit: bool = True) -> None:
+    arrays, meta = load(name)
+    results = replay(arrays, meta, jit=jit)
+    for t, res in enumerate(results[:-1]):
+        chex.assert_trees_all_close(res["y"], arrays[f"y_{t}"], **F32)
+        chex.assert_trees_all_close(res["dx"], arrays[f"dx_{t}"], **F32)
+        chex.assert_trees_all_close(res["dgamma"], arrays[f"dgamma_{t}"], **F32_PARAM_GRADS)
+        chex.assert_trees_all_close(res["dbeta"], arrays[f"dbeta_{t}"], **F32_PARAM_GRADS)
+        stats = res["stats"]
+        chex.assert_trees_all_close(stats["running_mean"], arrays[f"moving_mean_{t}"], **F32)
+        # PyTorch's unbiased EMA == n/(n-1) times Keras's biased one (same start, scaled).
+        var_ref = arrays.get(f"plain_moving_variance_{t}", arrays[f"moving_variance_{t}"])
+        chex.assert_trees_all_close(stats["running_var"], res["unbias"] * var_ref, **F32)
+        if "renorm_mean" in stats:
+            chex.assert_trees_all_close(stats["renorm_mean"], arrays[f"renorm_mean_{t}"], **F32)
+            chex.assert_trees_all_close(stats["renorm_std"], arrays[f"renorm_stddev_{t}"], **F32)
+        assert int(stats["num_batches_tracked"]) == t + 1
+    chex.assert_trees_all_close(results[-1]["y_eval"], arrays["y_eval"], **F32)

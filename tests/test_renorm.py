@@ -19,33 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from keras_oracle import load, replay, unclipped_corrections
+from keras_oracle import F32, check_against_keras, load, unclipped_corrections
 
 import bnjax
 
-F32 = {"rtol": 1e-5, "atol": 1e-5}
-F32_PARAM_GRADS = {"rtol": 1e-5, "atol": 5e-5}
 SCENARIOS = ["renorm_clip_2d", "renorm_noclip_2d", "renorm_clip_4d", "renorm_noclip_4d"]
-
-
-def check_against_keras(name: str, *, jit: bool = True) -> None:
-    arrays, meta = load(name)
-    results = replay(arrays, meta, jit=jit)
-    for t, res in enumerate(results[:-1]):
-        chex.assert_trees_all_close(res["y"], arrays[f"y_{t}"], **F32)
-        chex.assert_trees_all_close(res["dx"], arrays[f"dx_{t}"], **F32)
-        chex.assert_trees_all_close(res["dgamma"], arrays[f"dgamma_{t}"], **F32_PARAM_GRADS)
-        chex.assert_trees_all_close(res["dbeta"], arrays[f"dbeta_{t}"], **F32_PARAM_GRADS)
-        stats = res["stats"]
-        chex.assert_trees_all_close(stats["running_mean"], arrays[f"moving_mean_{t}"], **F32)
-        # PyTorch's unbiased EMA == n/(n-1) times Keras's biased one (same start, scaled).
-        var_ref = arrays.get(f"plain_moving_variance_{t}", arrays[f"moving_variance_{t}"])
-        chex.assert_trees_all_close(stats["running_var"], res["unbias"] * var_ref, **F32)
-        if "renorm_mean" in stats:
-            chex.assert_trees_all_close(stats["renorm_mean"], arrays[f"renorm_mean_{t}"], **F32)
-            chex.assert_trees_all_close(stats["renorm_std"], arrays[f"renorm_stddev_{t}"], **F32)
-        assert int(stats["num_batches_tracked"]) == t + 1
-    chex.assert_trees_all_close(results[-1]["y_eval"], arrays["y_eval"], **F32)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
