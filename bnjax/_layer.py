@@ -229,8 +229,11 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
         y, moments = normalize(params, batch_stats, x, train, mask=mask)
         return y, update(batch_stats, moments)
 
+    # Reports carry static settings: a bound passed as an array is not kept there.
+    report_config = dataclasses.replace(config, renorm=_renorm.static_settings(config.renorm))
+
     def report(moments):
-        return make_report(moments, config)
+        return make_report(moments, report_config)
 
     return BatchNormLayer(init, apply, normalize, update, report, config)
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax._conventions import RENORM_KEYS
@@ -36,7 +37,6 @@ Array = jax.Array
 #: A clipping bound: a number, an array (a value passed each step; traced values are
 #: not checked), or a schedule `step -> value` of the layer's `num_batches_tracked`.
 Bound = float | Array | Callable[[Array], Any] | None
-
 
 
 class Renorm(NamedTuple):
@@ -113,9 +113,27 @@ def check_renorm(renorm: Any, who: str = "bnjax.apply") -> Renorm | None:
     return renorm
 
 
+#: What a report's config holds in place of a bound passed as an array (a value that
+#: changes every step cannot be static pytree aux data, and tools never read bounds).
+DYNAMIC = "<passed each call>"
+
+
+def static_settings(renorm: Renorm | None) -> Renorm | None:
+    """`renorm` with array-valued bounds replaced by `DYNAMIC`: hashable, for reports."""
+    if renorm is None:
+        return None
+    return renorm._replace(
+        **{
+            f: DYNAMIC
+            for f in ("rmax", "dmax", "rmin")
+            if isinstance(getattr(renorm, f), (jax.Array, np.ndarray, np.generic))
+        }
+    )
+
+
 def _static(v: Any) -> float | None:
     """The Python value of a bound when it is known at trace time, else None."""
-    if v is None or callable(v) or isinstance(v, jax.core.Tracer):
+    if v is None or callable(v) or isinstance(v, (jax.core.Tracer, str)):
         return None
     if isinstance(v, bool):
         raise TypeError(f"bnjax: a Renorm bound must be a number, got {v!r}.")
@@ -162,6 +180,10 @@ def split_stats(batch_stats: Mapping[str, Array]) -> tuple[dict[str, Array], dic
 def _bound(v: Bound, step: Array) -> Array | None:
     if v is None:
         return None
+    if isinstance(v, str):
+        raise TypeError(
+            f"bnjax: a Renorm bound must be a number, an array or a schedule, got {v!r}."
+        )
     if callable(v):
         v = v(step)
     return jnp.asarray(v, jnp.float32)

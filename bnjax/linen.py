@@ -212,11 +212,11 @@ class BatchNorm(nn.Module):
             axis_name=self.axis_name if sync else None,
             axis_index_groups=self.axis_index_groups if sync else None,
             mask=mask,
-            renorm=config.renorm,
+            renorm=self.renorm,
             virtual_batch_size=self.virtual_batch_size,
         )
         new_batch_stats = _core.update_stats(
-            batch_stats, moments, momentum=self.momentum, renorm=config.renorm, eps=self.epsilon
+            batch_stats, moments, momentum=self.momentum, renorm=self.renorm, eps=self.epsilon
         )
         # The report channel: only for callers that make REPORTS mutable, never in init.
         if not initializing and self.is_mutable_collection(REPORTS):
@@ -248,7 +248,7 @@ class BatchNorm(nn.Module):
             bias="bias" in keys,
             track_running_stats=self.track_running_stats,
             dtype=self.param_dtype,
-            renorm=self.renorm,
+            renorm=_renorm.static_settings(self.renorm),
             virtual_batch_size=self.virtual_batch_size,
         )
 

@@ -298,3 +298,34 @@ def test_missing_or_unexpected_renorm_statistics_are_clear_errors():
         bnjax.apply(params, {}, x, True, renorm=bnjax.Renorm())
     with pytest.raises(TypeError, match="bnjax.Renorm"):
         bnjax.apply(params, with_renorm, x, True, renorm={"rmax": 3.0})
+
+
+@pytest.mark.parametrize("policy", ["corrected", "full"])
+def test_policies_move_renorm_statistics_with_a_bound_passed_each_step(policy):
+    """linen reports of a layer whose rmax is traced; equal micro-batches: closed form."""
+    import bnjax.linen
+    from bnjax import training
+
+    x = jnp.ones((2, 4, 3)) * jnp.arange(4.0)[:, None]  # two micro-batches, mean 1.5
+    variables = bnjax.linen.BatchNorm(renorm=bnjax.Renorm()).init(
+        jax.random.key(0), x[0], train=False
+    )
+    opt = optax.sgd(0.1)
+
+    def loss_fn(p, s, b, rmax):
+        bn = bnjax.linen.BatchNorm(renorm=bnjax.Renorm(rmax=rmax, dmax=1.0, momentum=0.2))
+        y, upd = bn.apply(
+            {"params": p, "batch_stats": s},
+            b,
+            train=True,
+            mutable=["batch_stats", bnjax.linen.REPORTS],
+        )
+        return jnp.mean(y**2), (upd["batch_stats"], None, upd[bnjax.linen.REPORTS])
+
+    step = jax.jit(training.make_train_step(loss_fn, opt, accum_steps=2, stats_policy=policy))
+    params, stats = variables["params"], variables["batch_stats"]
+    _, new, _, _ = step(params, stats, opt.init(params), x, jnp.float32(2.0))
+    # Either policy decays the old value by (1 - 0.2) once per step: 0.2 * 1.5.
+    np.testing.assert_allclose(new["renorm_mean"], np.full(3, 0.3), rtol=1e-6)
+    sigma_b = np.sqrt(np.var(np.arange(4.0)) + 1e-5)
+    np.testing.assert_allclose(new["renorm_std"], np.full(3, 0.8 + 0.2 * sigma_b), rtol=1e-6)
