@@ -274,6 +274,7 @@ def normalize(
     )
     features = feature_shape_of(x.shape, axes)
     _check_tree_shapes(params, batch_stats, features, x.shape, axes)
+    _renorm.check_stats_shapes(batch_stats, features)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in axes)
     if mask is not None:
         mask = check_mask(mask, x.shape, axes)

@@ -170,6 +170,17 @@ def check_stats_keys(batch_stats: Any, renorm: Renorm | None, who: str = "bnjax.
         )
 
 
+def check_stats_shapes(batch_stats: Mapping[str, Any], features: tuple[int, ...]) -> None:
+    """Renorm statistics, where present, have the features' shape."""
+    for k in RENORM_KEYS:
+        if k in batch_stats and tuple(np.shape(batch_stats[k])) != features:
+            raise ValueError(
+                f"bnjax.apply: batch_stats['{k}'] has shape {tuple(np.shape(batch_stats[k]))} "
+                f"but x has features of shape {features}; create the renorm statistics with "
+                "`bnjax.init(num_features, renorm=True)`."
+            )
+
+
 def split_stats(batch_stats: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
     """`batch_stats` as (the running statistics, the renorm statistics)."""
     base = {k: v for k, v in batch_stats.items() if k not in RENORM_KEYS}

@@ -296,6 +296,9 @@ def test_missing_or_unexpected_renorm_statistics_are_clear_errors():
         bnjax.apply(params, with_renorm, x, False)
     with pytest.raises(ValueError, match="needs running statistics"):
         bnjax.apply(params, {}, x, True, renorm=bnjax.Renorm())
+    bad = dict(with_renorm, renorm_std=jnp.ones(()))
+    with pytest.raises(ValueError, match=r"batch_stats\['renorm_std'\] has shape \(\)"):
+        bnjax.apply(params, bad, x, True, renorm=bnjax.Renorm())
     with pytest.raises(TypeError, match="bnjax.Renorm"):
         bnjax.apply(params, with_renorm, x, True, renorm={"rmax": 3.0})
 
