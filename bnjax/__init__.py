@@ -27,6 +27,7 @@ from bnjax._core import update_stats as update_stats
 from bnjax._layer import BatchNormConfig as BatchNormConfig
 from bnjax._layer import BatchNormLayer as BatchNormLayer
 from bnjax._layer import batch_norm as batch_norm
+from bnjax._renorm import Renorm as Renorm
 from bnjax._report import BatchNormReport as BatchNormReport
 from bnjax._report import collect_reports as collect_reports
 from bnjax._stats import Moments as Moments
@@ -42,6 +43,7 @@ __all__ = [
     "BatchNormLayer",
     "BatchNormReport",
     "Moments",
+    "Renorm",
     "apply",
     "batch_moments",
     "batch_norm",

@@ -24,11 +24,15 @@ STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 # The key sets a BatchNorm's `params` may have: affine, PyTorch's `bias=False`, none.
 PARAM_KEY_SETS = (frozenset(PARAM_KEYS), frozenset({"weight"}), frozenset())
 _STAT_KEY_SET = frozenset(STAT_KEYS)
+# Batch Renormalization's own statistics, beside STAT_KEYS in a renorm layer's dict.
+RENORM_KEYS = ("renorm_mean", "renorm_std")
+_RENORM_STAT_KEY_SET = _STAT_KEY_SET | frozenset(RENORM_KEYS)
 
 
 def is_batch_stats(node: Any) -> bool:
-    """Whether `node` is one BatchNorm's statistics: a mapping with exactly `STAT_KEYS`."""
-    return isinstance(node, Mapping) and set(node) == _STAT_KEY_SET
+    """Whether `node` is one BatchNorm's statistics: a mapping with exactly `STAT_KEYS`
+    (and `RENORM_KEYS` for a Batch Renormalization layer)."""
+    return isinstance(node, Mapping) and set(node) in (_STAT_KEY_SET, _RENORM_STAT_KEY_SET)
 
 
 def to_plain_dict(tree: Any) -> Any:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _fused, _stats
+from bnjax import _fused, _ghost, _renorm, _stats
 from bnjax._conventions import PARAM_KEYS, STAT_KEYS
 from bnjax._validate import (
     check_hyperparameters,
@@ -46,6 +46,7 @@ def init(
     bias: bool = True,
     track_running_stats: bool = True,
     dtype: DTypeLike = jnp.float32,
+    renorm: bool = False,
     **misplaced: Any,
 ) -> tuple[Params, BatchStats]:
     """Creates the parameters and running statistics of a BatchNorm.
@@ -61,6 +62,9 @@ def init(
         `{"weight"}` alone, PyTorch's `BatchNorm2d(C, bias=False)`.
       track_running_stats: whether to create running statistics.
       dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      renorm: with `track_running_stats`, also create Batch Renormalization's own
+        statistics `renorm_mean` (zeros) and `renorm_std` (ones), float32, which
+        `apply(..., renorm=bnjax.Renorm(...))` needs.
       **misplaced: nothing is accepted here; `eps` and `momentum` belong to
         `bnjax.apply` (or to `bnjax.batch_norm`, which keeps them with the layer).
 
@@ -93,7 +97,7 @@ def init(
             )
         raise TypeError(
             f"bnjax.init got unexpected keyword argument(s) {names}; it takes "
-            f"num_features, affine, bias, track_running_stats and dtype.{hint}"
+            f"num_features, affine, bias, track_running_stats, dtype and renorm.{hint}"
         )
     shape = _feature_shape_from_num_features(num_features)
     params: Params = {}
@@ -108,6 +112,8 @@ def init(
             "running_var": jnp.ones(shape, jnp.float32),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
+        if renorm:
+            batch_stats.update(_renorm.init_stats(shape))
     return params, batch_stats
 
 
@@ -123,6 +129,8 @@ def apply(
     axis_name: Any = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: ArrayLike | None = None,
+    renorm: _renorm.Renorm | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, BatchStats]:
     r"""Normalizes `x` per feature, PyTorch's BatchNorm as a pure function.
 
@@ -160,6 +168,13 @@ def apply(
       mask: a boolean array of `x`'s shape without the feature axes, or one that
         broadcasts to it (`(N, 1)` drops whole samples); only `True` positions count
         toward the statistics. Padding may hold anything, NaN and inf included.
+      renorm: `bnjax.Renorm(rmax, dmax, momentum)` for Batch Renormalization
+        (training: `y = (x_hat r + d) weight + bias` with `r`, `d` from the renorm
+        statistics, see `bnjax.Renorm`; eval unchanged), or None. Needs
+        `batch_stats` from `bnjax.init(..., renorm=True)`.
+      virtual_batch_size: the size V of the ghost batches: axis 0 is cut into
+        sub-batches of V rows, each normalized with its own statistics; the running
+        statistics get the mean of the ghosts' moments (docs/accumulation.md). Static.
 
     Returns:
       `(y, new_batch_stats)`: `y` has `x`'s shape and dtype; `new_batch_stats` has
@@ -187,8 +202,10 @@ def apply(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         mask=mask,
+        renorm=renorm,
+        virtual_batch_size=virtual_batch_size,
     )
-    return y, update_stats(batch_stats, moments, momentum=momentum)
+    return y, update_stats(batch_stats, moments, momentum=momentum, renorm=renorm, eps=eps)
 
 
 def normalize(
@@ -202,6 +219,8 @@ def normalize(
     axis_name: Any = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: ArrayLike | None = None,
+    renorm: _renorm.Renorm | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, _stats.Moments | None]:
     r"""The first step of `apply`: `y`, and the batch moments it normalized with.
 
@@ -222,6 +241,9 @@ def normalize(
       axis_name: a named axis to synchronize batch statistics over. Static.
       axis_index_groups: sub-groups of `axis_name` to synchronize within (`pmap`).
       mask: boolean, `x`'s shape without the feature axes or broadcasting to it.
+      renorm: a `bnjax.Renorm` for Batch Renormalization, or None (see `apply`).
+      virtual_batch_size: the ghost-batch size, or None (see `apply`). With ghost
+        batches the moments are the ghosts' pooled ones (what `update_stats` needs).
 
     Returns:
       `(y, moments)`: `y` has `x`'s shape and dtype; `moments` is a `bnjax.Moments`
@@ -242,18 +264,32 @@ def normalize(
     train = check_train(train)
     check_hyperparameters(momentum=None, eps=eps)
     check_params_keys(params)
-    check_keys("batch_stats", batch_stats, STAT_KEYS)
+    renorm = _renorm.check_renorm(renorm)
+    _renorm.check_stats_keys(batch_stats, renorm)
+    check_keys("batch_stats", batch_stats, STAT_KEYS + _renorm_keys(renorm, batch_stats))
     x = check_x(x, allow_1d=axis_name is not None)
     axes = normalize_axes(axis, x.shape)
+    virtual_batch_size = _ghost.check_virtual_batch_size(
+        virtual_batch_size, x.shape, axes, "bnjax.apply"
+    )
     features = feature_shape_of(x.shape, axes)
     _check_tree_shapes(params, batch_stats, features, x.shape, axes)
+    _renorm.check_stats_shapes(batch_stats, features)
     reduce_axes = tuple(a for a in range(x.ndim) if a not in axes)
     if mask is not None:
         mask = check_mask(mask, x.shape, axes)
 
     use_batch_stats = train or not batch_stats
+    if renorm is not None and train and not batch_stats:
+        raise ValueError(
+            "bnjax.apply: `renorm=` corrects the batch statistics towards the moving ones, "
+            "so it needs running statistics; got batch_stats={}. Create them with "
+            "`bnjax.init(num_features, renorm=True)` (track_running_stats=True)."
+        )
     if use_batch_stats and mask is None and axis_name is None:
         n_static = int(np.prod([x.shape[a] for a in reduce_axes], dtype=np.int64))
+        if virtual_batch_size is not None:
+            n_static = n_static // (x.shape[0] // virtual_batch_size)
         if n_static == 1:
             raise ValueError(
                 "bnjax.apply: expected more than 1 value per channel when training, "
@@ -263,6 +299,20 @@ def normalize(
             )
 
     weight, bias = params.get("weight"), params.get("bias")
+    if use_batch_stats and (virtual_batch_size is not None or (renorm is not None and train)):
+        return _normalize_extended(
+            weight,
+            bias,
+            batch_stats,
+            x,
+            eps=eps,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            renorm=renorm if train else None,
+            virtual_batch_size=virtual_batch_size,
+        )
     if not use_batch_stats:
         # Eval: one multiply-add per element, scale and shift folded first.
         y = _fused.batch_norm_eval(
@@ -301,6 +351,8 @@ def update_stats(
     moments: _stats.Moments | None,
     *,
     momentum: float | None = 0.1,
+    renorm: _renorm.Renorm | None = None,
+    eps: float = 1e-5,
 ) -> BatchStats:
     """The second step of `apply`: PyTorch's running-statistics update from moments.
 
@@ -317,6 +369,9 @@ def update_stats(
         `normalize`; `None` (what `normalize` returns in eval mode) keeps the
         statistics unchanged.
       momentum: the weight of the new batch in [0, 1], or `None` (cumulative average).
+      renorm: a `bnjax.Renorm`: also move `renorm_mean` / `renorm_std` towards the
+        batch's mean and `sqrt(var + eps)` with `renorm.momentum`. None otherwise.
+      eps: the layer's eps (used only with `renorm`).
 
     Returns:
       The new statistics, with the structure and dtypes of `batch_stats`.
@@ -331,10 +386,16 @@ def update_stats(
       >>> new["running_mean"], new["running_var"]   # var * 5 / 4 = 1.25
       (Array([1.], dtype=float32), Array([1.125], dtype=float32))
     """
-    check_hyperparameters(momentum=momentum, eps=1.0)
-    check_keys("batch_stats", batch_stats, STAT_KEYS)
+    check_hyperparameters(momentum=momentum, eps=1.0 if renorm is None else eps)
+    renorm = _renorm.check_renorm(renorm, "bnjax.update_stats")
+    _renorm.check_stats_keys(batch_stats, renorm, "bnjax.update_stats")
+    check_keys("batch_stats", batch_stats, STAT_KEYS + _renorm_keys(renorm, batch_stats))
     if moments is None or not batch_stats:
         return dict(batch_stats)
+    if renorm is not None:
+        base, extra = _renorm.split_stats(batch_stats)
+        new = update_stats(base, moments, momentum=momentum)
+        return {**new, **_renorm.update_stats(extra, moments, renorm, eps)}
     count = batch_stats["num_batches_tracked"]
     new_count = count + jnp.ones((), count.dtype)
     rm, rv = batch_stats["running_mean"], batch_stats["running_var"]
@@ -416,3 +477,56 @@ def _check_tree_shapes(
                 "bnjax.apply: batch_stats['num_batches_tracked'] must be a scalar, "
                 f"got shape {np.shape(nbt)}."
             )
+
+
+def _renorm_keys(renorm: Any, batch_stats: Any) -> tuple[str, ...]:
+    """The renorm keys `batch_stats` must also hold (none without `renorm`)."""
+    return _renorm.RENORM_KEYS if renorm is not None and batch_stats else ()
+
+
+def _normalize_extended(
+    weight: Array | None,
+    bias: Array | None,
+    batch_stats: BatchStats,
+    x: Array,
+    *,
+    eps: float,
+    axis: Any,
+    axis_name: Any,
+    axis_index_groups: Any,
+    mask: Array | None,
+    renorm: _renorm.Renorm | None,
+    virtual_batch_size: int | None,
+) -> tuple[Array, _stats.Moments]:
+    """`normalize` with batch statistics, Batch Renormalization and/or ghost batches.
+
+    Both options are built from the plain step: ghost batches are `jax.vmap` of it
+    over the sub-batches, renorm is the plain step with the corrected parameters
+    `(r w, d w + b)`, r and d computed from a first (gradient-free) pass of moments.
+    """
+    opts = dict(eps=eps, axis=axis, axis_index_groups=axis_index_groups)
+
+    def moments_of(x_, params):
+        if virtual_batch_size is None:
+            return normalize(params, {}, x_, True, axis_name=axis_name, mask=mask, **opts)
+        xg, mg = _ghost.split(x_, mask, virtual_batch_size)
+
+        def one(xi, mi):  # one ghost batch (x's rank): plain BatchNorm, its own statistics
+            return normalize(params, {}, xi, True, mask=mi, **opts)
+
+        yg, gm = jax.vmap(one)(xg, mg)
+        pooled = _ghost.pool(gm, axis_name=axis_name, axis_index_groups=axis_index_groups)
+        return yg.reshape(x_.shape), pooled
+
+    params: Params = {}
+    if weight is not None:
+        params["weight"] = weight
+        if bias is not None:
+            params["bias"] = bias
+    if renorm is None:
+        return moments_of(x, params)
+    # Pass 1: the batch moments for r and d only (no gradient, no y kept).
+    _, m0 = moments_of(jax.lax.stop_gradient(x), {})
+    base, extra = _renorm.split_stats(batch_stats)
+    r, d = _renorm.correction(m0, extra, base["num_batches_tracked"], renorm, eps)
+    return moments_of(x, _renorm.corrected_params(weight, bias, r, d))

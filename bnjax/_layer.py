@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _core, _stats
+from bnjax import _core, _ghost, _renorm, _stats
 from bnjax._conventions import PARAM_KEYS
 from bnjax._validate import check_hyperparameters, check_train
 
@@ -42,6 +42,8 @@ class BatchNormConfig:
       bias: whether it also has a `bias` (False: PyTorch's `bias=False`).
       track_running_stats: whether it keeps running statistics.
       dtype: the dtype of `weight` and `bias`.
+      renorm: a `bnjax.Renorm` (Batch Renormalization) or None.
+      virtual_batch_size: the ghost-batch size, or None.
 
     Example:
       >>> cfg = bnjax.BatchNormConfig(eps=1e-3, axis=1)
@@ -58,9 +60,21 @@ class BatchNormConfig:
     bias: bool = True
     track_running_stats: bool = True
     dtype: Any = jnp.float32
+    renorm: _renorm.Renorm | None = None
+    virtual_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_hyperparameters(momentum=self.momentum, eps=self.eps)
+        _renorm.check_renorm(self.renorm, "bnjax.BatchNormConfig")
+        if self.renorm is not None and not self.track_running_stats:
+            raise ValueError(
+                "bnjax.BatchNormConfig: `renorm` needs running statistics; got "
+                "track_running_stats=False."
+            )
+        vbs = _ghost.check_virtual_batch_size(
+            self.virtual_batch_size, None, (), "bnjax.BatchNormConfig"
+        )
+        object.__setattr__(self, "virtual_batch_size", vbs)
         axis = self.axis
         if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
             axis = int(axis)
@@ -123,6 +137,8 @@ def batch_norm(
     bias: bool = True,
     track_running_stats: bool = True,
     dtype: Any = jnp.float32,
+    renorm: _renorm.Renorm | None = None,
+    virtual_batch_size: int | None = None,
 ) -> BatchNormLayer:
     """Builds a BatchNorm layer whose settings travel with it (an optax-style factory).
 
@@ -141,6 +157,10 @@ def batch_norm(
       bias: with `affine`, whether `init` creates `bias` (PyTorch's `bias=`).
       track_running_stats: whether `init` creates running statistics.
       dtype: the dtype of `weight` and `bias`.
+      renorm: a `bnjax.Renorm` for Batch Renormalization (`init` then creates its
+        statistics), or None.
+      virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
+        many rows, each normalized with its own statistics), or None.
 
     Returns:
       A `BatchNormLayer` of pure functions and its `BatchNormConfig`.
@@ -165,6 +185,8 @@ def batch_norm(
         bias=bias,
         track_running_stats=track_running_stats,
         dtype=dtype,
+        renorm=renorm,
+        virtual_batch_size=virtual_batch_size,
     )
     return layer_from_config(config)
 
@@ -180,6 +202,7 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
             bias=config.bias,
             track_running_stats=config.track_running_stats,
             dtype=config.dtype,
+            renorm=config.renorm is not None,
         )
 
     def normalize(params, batch_stats, x, train, *, mask=None):
@@ -193,17 +216,24 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
             axis_name=config.axis_name,
             axis_index_groups=config.axis_index_groups,
             mask=mask,
+            renorm=config.renorm,
+            virtual_batch_size=config.virtual_batch_size,
         )
 
     def update(batch_stats, moments):
-        return _core.update_stats(batch_stats, moments, momentum=config.momentum)
+        return _core.update_stats(
+            batch_stats, moments, momentum=config.momentum, renorm=config.renorm, eps=config.eps
+        )
 
     def apply(params, batch_stats, x, train, *, mask=None):
         y, moments = normalize(params, batch_stats, x, train, mask=mask)
         return y, update(batch_stats, moments)
 
+    # Reports carry static settings: a bound passed as an array is not kept there.
+    report_config = dataclasses.replace(config, renorm=_renorm.static_settings(config.renorm))
+
     def report(moments):
-        return make_report(moments, config)
+        return make_report(moments, report_config)
 
     return BatchNormLayer(init, apply, normalize, update, report, config)
 
@@ -222,6 +252,8 @@ def flax_module_config(
         bias=bias,
         track_running_stats=track_running_stats,
         dtype=module.param_dtype,
+        renorm=getattr(module, "renorm", None),
+        virtual_batch_size=getattr(module, "virtual_batch_size", None),
     )
 
 

@@ -106,7 +106,17 @@ def corrected() -> StatsPolicy:
                     "stats_policy='micro' or 'full'."
                 )
             mk = corrected_momentum(m, accum_steps)
-            _set(new, path, _core.update_stats(_get(stats_in, path), report.moments, momentum=mk))
+            renorm = report.config.renorm  # Batch Renormalization's statistics: corrected too
+            if renorm is not None:
+                renorm = renorm._replace(momentum=corrected_momentum(renorm.momentum, accum_steps))
+            updated = _core.update_stats(
+                _get(stats_in, path),
+                report.moments,
+                momentum=mk,
+                renorm=renorm,
+                eps=report.config.eps,
+            )
+            _set(new, path, updated)
         return new, state
 
     return StatsPolicy(_no_state, update, _last_stats, needs_reports=True)
@@ -142,7 +152,11 @@ def full() -> StatsPolicy:
         for path, stacked in trained_layers(batch_stats, reports, "full", stacked=True):
             moments = pool_moments(stacked.moments)
             updated = _core.update_stats(
-                _get(batch_stats, path), moments, momentum=stacked.config.momentum
+                _get(batch_stats, path),
+                moments,
+                momentum=stacked.config.momentum,
+                renorm=stacked.config.renorm,
+                eps=stacked.config.eps,
             )
             _set(new, path, updated)
         return new

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from bnjax import _core
+from bnjax import _core, _renorm
 from bnjax._conventions import STAT_KEYS
 from bnjax._layer import (
     BatchNormConfig,
@@ -97,6 +97,10 @@ class BatchNorm(nn.Module):
       param_dtype: the dtype of `weight` and `bias`. Running statistics are float32.
       weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
       bias_init: initializer of `bias` (zeros).
+      renorm: a `bnjax.Renorm` for Batch Renormalization (its statistics
+        `renorm_mean`, `renorm_std` live in `batch_stats` too), or None.
+      virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
+        many rows, each normalized with its own statistics), or None.
 
     Example:
       >>> bn = bnjax.linen.BatchNorm()
@@ -122,6 +126,8 @@ class BatchNorm(nn.Module):
     param_dtype: Any = jnp.float32
     weight_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
+    renorm: _renorm.Renorm | None = None
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(
@@ -191,11 +197,16 @@ class BatchNorm(nn.Module):
 
             def make_stat(name: str, shape: tuple[int, ...]) -> Array:
                 variables[name] = self.variable(
-                    "batch_stats", name, lambda: _core.init(shape, affine=False)[1][name]
+                    "batch_stats",
+                    name,
+                    lambda: _core.init(shape, affine=False, renorm=config.renorm is not None)[1][
+                        name
+                    ],
                 )
                 return variables[name].value
 
-            batch_stats = self._collection("batch_stats", STAT_KEYS, make_stat, features)
+            stat_keys = STAT_KEYS + (_renorm.RENORM_KEYS if config.renorm is not None else ())
+            batch_stats = self._collection("batch_stats", stat_keys, make_stat, features)
         else:
             batch_stats = self._collection("batch_stats", (), None, features)
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax import _core
+from bnjax import _core, _renorm
 from bnjax._layer import (
     BatchNormConfig,
     check_shared_stats_write,
@@ -104,6 +104,10 @@ class BatchNorm(nnx.Module):
       weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
       bias_init: initializer of `bias` (zeros).
       rngs: `nnx.Rngs`, needed only for initializers that use a key.
+      renorm: a `bnjax.Renorm` for Batch Renormalization (adds the `nnx.BatchStat`s
+        `renorm_mean`, `renorm_std`), or None.
+      virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
+        many rows, each normalized with its own statistics), or None.
 
     Raises:
       ValueError: bad `num_features`, `momentum` or `epsilon`; a custom initializer
@@ -138,6 +142,8 @@ class BatchNorm(nnx.Module):
         weight_init: Initializer = _ONES,
         bias_init: Initializer = _ZEROS,
         rngs: nnx.Rngs | None = None,
+        renorm: _renorm.Renorm | None = None,
+        virtual_batch_size: int | None = None,
     ):
         keys = param_keys(affine, use_scale, use_bias, "bnjax.nnx.BatchNorm")
         config = BatchNormConfig(
@@ -150,6 +156,8 @@ class BatchNorm(nnx.Module):
             bias="bias" in keys,
             track_running_stats=track_running_stats,
             dtype=param_dtype,
+            renorm=renorm,
+            virtual_batch_size=virtual_batch_size,
         )
         params, batch_stats = layer_from_config(config).init(num_features)
         shape = _core._feature_shape_from_num_features(num_features)
@@ -177,6 +185,9 @@ class BatchNorm(nnx.Module):
             self.running_mean = nnx.BatchStat(batch_stats["running_mean"])
             self.running_var = nnx.BatchStat(batch_stats["running_var"])
             self.num_batches_tracked = nnx.BatchStat(batch_stats["num_batches_tracked"])
+        if renorm is not None:  # Batch Renormalization's own statistics
+            self.renorm_mean = nnx.BatchStat(batch_stats["renorm_mean"])
+            self.renorm_std = nnx.BatchStat(batch_stats["renorm_std"])
 
         self.num_features = num_features
         self.momentum = momentum
@@ -191,6 +202,8 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.renorm = nnx.static(renorm)
+        self.virtual_batch_size = virtual_batch_size
 
     @property
     def config(self) -> BatchNormConfig:
@@ -249,6 +262,9 @@ class BatchNorm(nnx.Module):
                 "running_var": self.running_var[...],
                 "num_batches_tracked": self.num_batches_tracked[...],
             }
+        renorm = self.renorm
+        if renorm is not None and stats:
+            stats.update({k: getattr(self, k)[...] for k in _renorm.RENORM_KEYS})
         layer = layer_from_config(self.config)
         y, moments = layer.normalize(params, stats, x, train, mask=mask)
         new_stats = layer.update(stats, moments)
@@ -264,6 +280,9 @@ class BatchNorm(nnx.Module):
             self.running_mean[...] = jax.lax.stop_gradient(new_stats["running_mean"])
             self.running_var[...] = jax.lax.stop_gradient(new_stats["running_var"])
             self.num_batches_tracked[...] = new_stats["num_batches_tracked"]
+            if renorm is not None:  # Batch Renormalization's own statistics
+                for k in _renorm.RENORM_KEYS:
+                    getattr(self, k)[...] = jax.lax.stop_gradient(new_stats[k])
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:

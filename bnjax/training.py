@@ -204,9 +204,13 @@ def make_train_step(
         which is fast on CPU but compiles longer.
 
     Returns:
-      `step(params, batch_stats, opt_state, batch) -> (params, batch_stats,
-      opt_state, metrics)`, a pure function to wrap in `jax.jit`. Every leaf of
-      `batch` has a leading axis of size k (use `split_micro_batches` on a flat
+      `step(params, batch_stats, opt_state, batch, *loss_args) -> (params,
+      batch_stats, opt_state, metrics)`, a pure function to wrap in `jax.jit`.
+      `loss_args` (none by default) reach every micro-batch's call as
+      `loss_fn(params, batch_stats, micro_batch, *loss_args)`: values that change
+      from step to step without recompiling, e.g. a Batch Renormalization
+      `rmax`/`dmax` ramp (`bnjax.Renorm(rmax=rmax_t, ...)` inside `loss_fn`).
+      Every leaf of `batch` has a leading axis of size k (use `split_micro_batches` on a flat
       batch of k*B). `metrics` is a `StepMetrics` of the k losses and auxes.
 
     Raises:
@@ -243,13 +247,13 @@ def make_train_step(
     if k == 1:  # one micro-batch: every policy is the plain step
         policy = _policies.micro()
 
-    def step(params, batch_stats, opt_state, batch):
+    def step(params, batch_stats, opt_state, batch, *loss_args):
         _check_batch(batch, k)
         view = _PlainView(batch_stats)
         s0 = view.plain(jax.tree.leaves(batch_stats))
 
         def traced_loss(p, stats_plain, micro_batch):
-            loss, out = loss_fn(p, view.user(stats_plain), micro_batch)
+            loss, out = loss_fn(p, view.user(stats_plain), micro_batch, *loss_args)
             new_stats, aux, reports = _unpack_aux(out)
             new_leaves = _check_new_stats(new_stats, view.treedef, view.leaves(stats_plain))
             if reports is not None:

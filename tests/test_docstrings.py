@@ -12,6 +12,7 @@ import bnjax
 
 MODULES = [
     "bnjax._core",
+    "bnjax._renorm",
     "bnjax._conventions",
     "bnjax._fold",
     "bnjax._precise_bn",
