@@ -30,13 +30,28 @@ dtypes and values bit for bit.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["STAT_NAMES", "from_torch_state_dict", "to_torch_state_dict"]
+from bnjax._layers import LayerMatch as LayerMatch
+from bnjax._layers import Matching as Matching
+from bnjax._layers import to_numpy as _to_numpy
+from bnjax._port import from_torch as from_torch
+from bnjax._port import match_layers as match_layers
+from bnjax._port import to_torch as to_torch
+
+__all__ = [
+    "STAT_NAMES",
+    "LayerMatch",
+    "Matching",
+    "from_torch",
+    "from_torch_state_dict",
+    "match_layers",
+    "to_torch",
+    "to_torch_state_dict",
+]
 
 #: Leaf names that go to `batch_stats`; every other leaf goes to `params`.
 STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -217,34 +232,6 @@ def _weight_to_torch(w: np.ndarray, conv_layout: str, linear_layout: str) -> np.
 
 
 # --------------------------------------------------------------------------- arrays
-
-
-def _to_numpy(value: Any, key: str) -> np.ndarray:
-    """A fresh NumPy copy of a tensor/array, via `.detach().cpu().numpy()` when present."""
-    v = value
-    try:
-        if hasattr(v, "detach"):
-            v = v.detach()
-        if hasattr(v, "cpu"):
-            v = v.cpu()
-        if str(getattr(v, "dtype", "")) == "torch.bfloat16":
-            # NumPy has no bfloat16; reinterpret the bits (torch is already imported).
-            import ml_dtypes
-
-            torch = sys.modules["torch"]
-            return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        if hasattr(v, "numpy") and not isinstance(v, np.ndarray | np.generic):
-            v = v.numpy()
-        arr = np.array(v, copy=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the key named
-        raise TypeError(
-            f"state_dict['{key}']: cannot convert a {type(value).__name__} to a NumPy array ({e})."
-        ) from e
-    if arr.dtype == object:
-        raise TypeError(
-            f"state_dict['{key}']: expected a tensor or array, got {type(value).__name__}."
-        )
-    return arr
 
 
 def _shape_source(v: Any) -> Any:
