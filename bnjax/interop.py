@@ -61,6 +61,8 @@ LinearLayout = Literal["in_out", "out_in"]
 Tree = dict[str, Any]
 
 _INT32_MAX = np.iinfo(np.int32).max
+#: Leaf names only Flax uses: a tree holding them is a Flax model's, not torch-named.
+_FLAX_LEAVES = ("kernel", "scale", "embedding")
 
 
 def from_torch_state_dict(
@@ -169,7 +171,8 @@ def to_torch_state_dict(
       A flat `dict` from dotted torch keys to fresh NumPy arrays.
 
     Raises:
-      ValueError: a key appears in both trees, a key that is both a module and a leaf,
+      ValueError: Flax leaf names (`kernel`, `scale`, `embedding`: use `to_torch`),
+        a key appears in both trees, a key that is both a module and a leaf,
         a bad `num_batches_tracked`, or, with `reference`, missing, extra or
         mis-shaped keys (all of them listed).
 
@@ -182,6 +185,7 @@ def to_torch_state_dict(
     keep = _module_paths(keep_torch_layout, "keep_torch_layout")
     flat_params = _flatten(params, "params")
     flat_stats = _flatten(batch_stats, "batch_stats")
+    _reject_flax_names({**flat_params, **flat_stats})
     both = sorted(set(flat_params) & set(flat_stats))
     if both:
         raise ValueError(f"to_torch_state_dict: keys in both params and batch_stats: {both}.")
@@ -321,6 +325,19 @@ def _flatten(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
 
     walk(tree, "")
     return flat
+
+
+def _reject_flax_names(flat: Mapping[str, Any]) -> None:
+    """Flax's leaf names would come out as wrong torch keys (`conv1.kernel`, untransposed)."""
+    flax = [k for k in flat if _split_key(k)[1] in _FLAX_LEAVES]
+    if flax:
+        raise ValueError(
+            "to_torch_state_dict: these keys have Flax's names, not torch's: "
+            f"{flax}. This function takes trees with torch's names (from "
+            "`from_torch_state_dict`); for a Flax model's variables (kernel, scale, "
+            "embedding, Conv_0...) use `bnjax.interop.to_torch(variables, "
+            "reference=torch_model.state_dict())`."
+        )
 
 
 def _merged_order(params: Mapping[str, Any], stats: Mapping[str, Any]) -> list[str]:
