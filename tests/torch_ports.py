@@ -123,3 +123,18 @@ class MLP(nn.Module):
             i += 4
         x = nn.Dense(self.hidden[-1], name=_name(self.named, str(i)))(x)
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class NoBiasBNNet(nn.Module):
+    """conv -> BatchNorm2d(bias=False) -> relu, twice; mean pool; linear (NHWC)."""
+
+    named: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        n = lambda s: _name(self.named, s)  # noqa: E731
+        for i, c in enumerate((4, 6), start=1):
+            x = nn.Conv(c, (3, 3), padding=1, use_bias=False, name=n(f"conv{i}"))(x)
+            x = bnjax.linen.BatchNorm(use_bias=False, name=n(f"bn{i}"))(x, train=train)
+            x = nn.relu(x)
+        return nn.Dense(3, name=n("fc"))(jnp.mean(x, axis=(1, 2)))
