@@ -153,7 +153,9 @@ def from_torch(
     if strict:
         for path in matching.unmatched_torch:
             for leaf, v in tby[path].leaves.items():
-                problems.unexpected(f"'{L._torch_key(path, leaf)}' {_shape_str(v)}")
+                problems.unexpected(
+                    f"'{L._torch_key(path, leaf)}' {_shape_str(v)}{_kind_note(leaf)}"
+                )
         for path in matching.unmatched_flax:
             for key_path, v in fby[path].leaves.values():
                 problems.missing(f"{_path_str(key_path)} {_shape_str(L._leaf_value(v))}")
@@ -290,7 +292,7 @@ class _Problems:
             "unexpected": "unexpected (nothing to put these in)",
             "shape": "shape mismatches",
         }
-        lines = [f"{self.title} ({n} problems):"]
+        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}):"]
         for k, items in self.lists.items():
             if items:
                 lines.append(f"  {head[k]}:")
@@ -387,6 +389,16 @@ def _tensors(sd: dict[str, np.ndarray]) -> dict[str, Any]:
         else:
             out[k] = torch.from_numpy(v)
     return out
+
+
+def _kind_note(leaf: str) -> str:
+    if leaf in L._BN_LEAVES:
+        return ""
+    return (
+        " (an unknown layer kind: bnjax.interop ports Linear, Conv*d, ConvTranspose*d, "
+        "Embedding, LayerNorm, GroupNorm and BatchNorm*d, whose entries are weight, bias "
+        "and running statistics)"
+    )
 
 
 def _shape_str(v: Any) -> str:
