@@ -181,6 +181,8 @@ def flax_layers(template: Any, conv_transpose: Collection[str] = ()) -> list[Fla
     transposed = {_norm_flax_path(p) for p in conv_transpose}
     grouped: dict[tuple[str, ...], dict[str, tuple[tuple[Any, ...], Any]]] = {}
     for key_path, leaf in _walk_template(template):
+        if _not_weights(template, key_path, leaf):
+            continue
         module = tuple(str(k) for k in key_path[_collection_depth(template, key_path) : -1])
         grouped.setdefault(module, {})[str(key_path[-1])] = (key_path, leaf)
     layers, bad = [], []
@@ -242,6 +244,18 @@ def _walk_template(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
 
     walk(tree, ())
     return out
+
+
+def _not_weights(template: Any, key_path: tuple[Any, ...], leaf: Any) -> bool:
+    """Leaves that hold no torch counterpart: nnx RNG state, linen's other collections."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(leaf, nnx.RngState):
+        return True
+    node = template[key_path[0]] if isinstance(template, list | tuple) else template
+    if _is_linen_variables(node):
+        collection = key_path[1] if node is not template else key_path[0]
+        return collection not in _COLLECTIONS
+    return False
 
 
 def _collection_depth(template: Any, key_path: tuple[Any, ...]) -> int:

@@ -362,11 +362,18 @@ def _inverse_rename(rename: Rename):
     return fn
 
 
-def _rebuild(node: Any, new: Mapping[tuple[Any, ...], Any], prefix: tuple[Any, ...]) -> Any:
-    """A copy of `node` (same container types, same order) with `new` leaves swapped in."""
+def _rebuild(
+    node: Any, new: Mapping[tuple[Any, ...], Any], prefix: tuple[Any, ...], nested: bool = False
+) -> Any:
+    """A copy of `node` (same container types, same order) with `new` leaves swapped in.
+
+    An `nnx.State` keeps its nested levels as plain dicts (and wraps them on access),
+    so below one the copy is built from dicts too.
+    """
     if isinstance(node, Mapping):
-        items = {k: _rebuild(v, new, (*prefix, k)) for k, v in node.items()}
-        if type(node) is dict:
+        state = type(node).__name__ == "State"
+        items = {k: _rebuild(v, new, (*prefix, k), nested or state) for k, v in node.items()}
+        if type(node) is dict or (nested and state):
             return items
         return type(node)(items)
     if isinstance(node, list | tuple) and not prefix:

@@ -451,7 +451,7 @@ def check_model(
       AssertionError: a group is out of tolerance (naming the worst element per leaf).
     """
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
-    forward = _forward_fn(model)
+    forward = jax.jit(_forward_fn(model), static_argnames="train")
     to_model = inputs or (lambda x: x)
     xs = tuple(jnp.asarray(to_model(x)) for x in fixture.inputs())
     to_torch_out = outputs or (lambda y: y)
@@ -478,7 +478,7 @@ def check_model(
         y, new = forward(rebuild(v, p), *xs, train=True)
         return loss(y), new
 
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    grad_fn = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
     (value, _), grads = grad_fn(params, variables)
     report += close("train", {"loss": value}, {"loss": fixture.arrays["train/loss"]})
     grad_ref = fixture.grads()
