@@ -124,7 +124,7 @@ def test_resnet_port_is_five_lines():
     x = nchw_to_nhwc(fixture.inputs()[0])
     # --- the user's lines
     model = P.ResNet(named=False)
-    template = jax.eval_shape(model.init, jax.random.key(0), x, False)
+    template = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
     variables = interop.from_torch(fixture.state_dict(), template)
     logits = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
     state_dict = interop.to_torch(variables, reference=fixture.state_dict())
