@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from bnjax import _layers as L
@@ -49,7 +50,7 @@ def match_layers(
       >>> sd = {"fc.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
       >>> variables = {"params": {"Dense_0": {"kernel": np.zeros((3, 2), np.float32),
       ...                                     "bias": np.zeros(2, np.float32)}}}
-      >>> print(bnjax.interop.match_layers(sd, variables))
+      >>> print(match_layers(sd, variables))
       torch  ->  flax  [kind, matched by]
       fc     ->  Dense_0  [dense, order]
     """
@@ -120,13 +121,11 @@ def from_torch(
       >>> sd = {"fc.weight": np.arange(6.0, dtype=np.float32).reshape(2, 3),
       ...       "fc.bias": np.zeros(2, np.float32)}
       >>> variables = {"params": {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}}
-      >>> bnjax.interop.from_torch(sd, variables)["params"]["fc"]["kernel"]
+      >>> from_torch(sd, variables)["params"]["fc"]["kernel"]
       Array([[0., 3.],
              [1., 4.],
              [2., 5.]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     tl = L.torch_layers(state_dict, conv_transpose)
     fl = L.flax_layers(variables, conv_transpose)
     matching = L.match(tl, fl, rename=rename, mode=match)
@@ -202,7 +201,7 @@ def to_torch(
 
     Example:
       >>> variables = {"params": {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.ones(2)}}}
-      >>> {k: v.shape for k, v in bnjax.interop.to_torch(variables).items()}
+      >>> {k: v.shape for k, v in to_torch(variables).items()}
       {'fc.weight': (2, 3), 'fc.bias': (2,)}
     """
     fl = L.flax_layers(variables, conv_transpose)

@@ -22,6 +22,8 @@ MODULES = [
     "bnjax.flax_interop",
     "bnjax.training",
     "bnjax.interop",
+    "bnjax._port",
+    "bnjax.testing",
 ]
 
 
