@@ -258,6 +258,39 @@ def _not_weights(template: Any, key_path: tuple[Any, ...], leaf: Any) -> bool:
     return False
 
 
+def looks_sorted(template: Any) -> bool:
+    """Whether some module's children of different automatic-name types are sorted.
+
+    `jax.jit`, `jax.eval_shape` and `jax.tree.map` rebuild dicts with sorted keys,
+    which loses the call order that pairs Flax's automatic names with torch's modules.
+    """
+    found = False
+
+    def walk(node: Any) -> None:
+        nonlocal found
+        children = [k for k, v in node.items() if isinstance(v, Mapping)]
+        types = {str(k).rsplit("_", 1)[0] for k in children if _AUTO_NAME.match(str(k))}
+        if len(types) > 1 and [str(k) for k in children] == sorted(str(k) for k in children):
+            found = True
+        for k in children:
+            walk(node[k])
+
+    for _, node in _module_trees(template):
+        walk(node)
+    return found
+
+
+def _module_trees(template: Any) -> list[tuple[Any, Any]]:
+    nodes = list(template) if isinstance(template, list | tuple) else [template]
+    out = []
+    for node in nodes:
+        if _is_linen_variables(node):
+            out += [(c, node[c]) for c in _COLLECTIONS if isinstance(node.get(c), Mapping)]
+        elif isinstance(node, Mapping):
+            out.append((None, node))
+    return out
+
+
 def _collection_depth(template: Any, key_path: tuple[Any, ...]) -> int:
     """How many leading key-path entries are not module names (collection, tuple index)."""
     depth = 0

@@ -18,6 +18,77 @@ _FIX = (
     "`print(bnjax.interop.match_layers(state_dict, variables))` shows what was paired."
 )
 
+_SORTED = (
+    "Note: these variables have sorted keys (`jax.jit`, `jax.eval_shape` and `jax.tree.map` "
+    "sort dict keys), which loses the call order that pairs Flax's automatic names "
+    "(`Conv_0`, `BasicBlock_3`) with torch's modules. Build the template with "
+    "`bnjax.interop.flax_template(model, *inputs)`, or pass `model.init(...)`'s output as it "
+    "comes; for trained variables, `to_torch(..., definition_order=template)`."
+)
+
+
+def flax_template(model: Any, *args: Any, rng: Any = None, **kwargs: Any) -> Any:
+    """A linen model's variables as shapes and dtypes, in definition (call) order.
+
+    The template `from_torch` and `to_torch` need, without computing anything: like
+    `jax.eval_shape(model.init, ...)`, but with every dict in the order the modules were
+    first called (eval_shape, jit and tree maps sort keys), which is what pairs Flax's
+    automatic names (`Conv_0`, `BatchNorm_0`, `BasicBlock_3`) with torch's modules.
+
+    Args:
+      model: a `flax.linen.Module`.
+      *args: the inputs of `model.init` after the rng (e.g. a batch).
+      rng: the init key (default `jax.random.key(0)`; only shapes are computed).
+      **kwargs: keyword inputs of `model.init` (e.g. `train=False`, static).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` with `jax.ShapeDtypeStruct` leaves.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(2)(nn.LayerNorm()(nn.Conv(3, (1,))(x)))
+      >>> list(flax_template(Net(), jnp.ones((1, 4, 2)))["params"])
+      ['Conv_0', 'LayerNorm_0', 'Dense_0']
+    """
+    import jax
+
+    orders: list[list[tuple[Any, ...]]] = []
+
+    def init(key: Any, *a: Any) -> Any:
+        variables = model.init(key, *a, **kwargs)
+        orders.append([path for path, _ in L._walk_template(variables)])
+        return variables
+
+    key = jax.random.key(0) if rng is None else rng
+    abstract = jax.eval_shape(init, key, *args)
+    return _reorder(abstract, orders[0])
+
+
+def reorder_like(tree: Any, like: Any) -> Any:
+    """`tree` (a linen variables dict) with its dicts' keys in `like`'s order."""
+    if not isinstance(tree, Mapping) or type(tree).__name__ == "State":
+        return tree
+    return _reorder(tree, [path for path, _ in L._walk_template(like)])
+
+
+def _reorder(tree: Any, paths: list[tuple[Any, ...]]) -> Any:
+    """`tree` with its dicts' keys in the order they first appear in `paths`."""
+    rank: dict[tuple[Any, ...], int] = {}
+    for path in paths:
+        for i in range(1, len(path) + 1):
+            rank.setdefault(path[:i], len(rank))
+
+    def build(node: Any, prefix: tuple[Any, ...]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        keys = sorted(node, key=lambda k: rank.get((*prefix, k), len(rank)))
+        return {k: build(node[k], (*prefix, k)) for k in keys}
+
+    return build(tree, ())
+
 
 def match_layers(
     state_dict: Any,
@@ -158,7 +229,7 @@ def from_torch(
         for path in matching.unmatched_flax:
             for key_path, v in fby[path].leaves.values():
                 problems.missing(f"{_path_str(key_path)} {_shape_str(L._leaf_value(v))}")
-    problems.raise_if_any(matching)
+    problems.raise_if_any(matching, variables)
     return _rebuild(variables, new, ())
 
 
@@ -169,6 +240,7 @@ def to_torch(
     rename: Rename = None,
     match: Match = "auto",
     conv_transpose: Collection[str] = (),
+    definition_order: Any = None,
     return_tensors: bool = False,
 ) -> dict[str, Any]:
     """A Flax model's variables as a PyTorch `state_dict`, all layers at once.
@@ -189,6 +261,10 @@ def to_torch(
         mapping.
       match: as in `from_torch`; used with `reference`.
       conv_transpose: as in `from_torch`.
+      definition_order: variables whose dicts are in definition order (the template
+        from `flax_template` or `model.init`), to restore that order in `variables`
+        when `jax.jit` or a tree map sorted its keys (which matters for Flax's
+        automatic names: see `flax_template`).
       return_tensors: return `torch.Tensor`s (imports torch) instead of NumPy arrays.
 
     Returns:
@@ -204,6 +280,8 @@ def to_torch(
       >>> {k: v.shape for k, v in to_torch(variables).items()}
       {'fc.weight': (2, 3), 'fc.bias': (2,)}
     """
+    if definition_order is not None:
+        variables = reorder_like(variables, definition_order)
     fl = L.flax_layers(variables, conv_transpose)
     problems = _Problems("bnjax.interop.to_torch: the variables do not fit the reference")
     out: dict[str, np.ndarray] = {}
@@ -250,7 +328,7 @@ def to_torch(
     for path in matching.unmatched_flax:
         for key_path, v in fby[path].leaves.values():
             problems.unexpected(f"{_path_str(key_path)} {_shape_str(L._leaf_value(v))}")
-    problems.raise_if_any(matching)
+    problems.raise_if_any(matching, variables)
     order = [L._torch_key(t.path, leaf) for t in tl for leaf in t.leaves]
     out = {k: out[k] for k in order}
     return _tensors(out) if return_tensors else out
@@ -282,7 +360,7 @@ class _Problems:
                 f"'{key}' {tshape} -> {fpath}: converted {converted} vs template {fshape}"
             )
 
-    def raise_if_any(self, matching: Matching) -> None:
+    def raise_if_any(self, matching: Matching, variables: Any) -> None:
         n = sum(len(v) for v in self.lists.values())
         if not n:
             return
@@ -297,6 +375,8 @@ class _Problems:
                 lines.append(f"  {head[k]}:")
                 lines += [f"    {i}" for i in items]
         lines.append(_FIX)
+        if any(p.by == "order" for p in matching.pairs) and L.looks_sorted(variables):
+            lines.append(_SORTED)
         lines.append("Pairs found:\n" + "\n".join("    " + s for s in str(matching).splitlines()))
         raise ValueError("\n".join(lines))
 

@@ -38,6 +38,7 @@ import numpy as np
 from bnjax._layers import LayerMatch as LayerMatch
 from bnjax._layers import Matching as Matching
 from bnjax._layers import to_numpy as _to_numpy
+from bnjax._port import flax_template as flax_template
 from bnjax._port import from_torch as from_torch
 from bnjax._port import match_layers as match_layers
 from bnjax._port import to_torch as to_torch
@@ -46,6 +47,7 @@ __all__ = [
     "STAT_NAMES",
     "LayerMatch",
     "Matching",
+    "flax_template",
     "from_torch",
     "from_torch_state_dict",
     "match_layers",

@@ -464,12 +464,17 @@ def check_model(
         y = to_torch_out(y)
         return tuple(y) if isinstance(y, list | tuple) else (y,)
 
+    def to_torch(tree: Any, reference: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        # jit sorts dict keys; Flax's automatic names pair in `variables`' call order.
+        options = {"definition_order": variables, **interop_options}
+        return _port.to_torch(tree, reference, **options)
+
     y_eval, _ = forward(variables, *xs, train=False)
     report = close("eval", as_tuple(y_eval), fixture.outputs("eval"))
     y_train, new_vars = forward(variables, *xs, train=True)
     report += close("train", as_tuple(y_train), fixture.outputs("train"))
     ref = fixture.state_dict("train")
-    report += close("state", _port.to_torch(new_vars, ref, **interop_options), ref)
+    report += close("state", to_torch(new_vars, ref), ref)
     if loss is None:
         return report
     params, rebuild = _split_params(variables)
@@ -482,9 +487,7 @@ def check_model(
     (value, _), grads = grad_fn(params, variables)
     report += close("train", {"loss": value}, {"loss": fixture.arrays["train/loss"]})
     grad_ref = fixture.grads()
-    report += close(
-        "grads", _port.to_torch(_as_params(grads), grad_ref, **interop_options), grad_ref
-    )
+    report += close("grads", to_torch(_as_params(grads), grad_ref), grad_ref)
     if optimizer is None:
         return report
     import optax
@@ -502,7 +505,7 @@ def check_model(
         updates, opt_state = optimizer.update(grads, opt_state, p)
         current = rebuild(current, optax.apply_updates(p, updates))
         ref = fixture.state_dict(f"step{k}")
-        report += close("steps", _port.to_torch(current, ref, **interop_options), ref)
+        report += close("steps", to_torch(current, ref), ref)
     return report
 
 

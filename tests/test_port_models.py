@@ -70,9 +70,8 @@ def _port(name: str, named: bool):
     fixture = _fixture(name)
     x = fixture.inputs()[0]
     model = cls(named=named)
-    # Shapes and dtypes are all a template needs: no forward pass runs.
-    init = functools.partial(model.init, train=False)
-    template = jax.eval_shape(init, jax.random.key(0), to_model(x) if to_model else x)
+    # Shapes and dtypes in call order are all a template needs: no forward pass runs.
+    template = interop.flax_template(model, to_model(x) if to_model else x, train=False)
     return fixture, model, template
 
 
@@ -124,7 +123,7 @@ def test_resnet_port_is_five_lines():
     x = nchw_to_nhwc(fixture.inputs()[0])
     # --- the user's lines
     model = P.ResNet(named=False)
-    template = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    template = interop.flax_template(model, x, train=False)
     variables = interop.from_torch(fixture.state_dict(), template)
     logits = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
     state_dict = interop.to_torch(variables, reference=fixture.state_dict())
