@@ -526,3 +526,38 @@ def test_every_layer_kind_against_torch_modules():
     for key, value in t.state_dict().items():
         assert torch.equal(sd[key], value), key
     assert list(sd) == list(t.state_dict())
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3, 3), padding=1)(x)
+
+
+class _Stem(nn.Module):
+    """Conv_0 is called before Block_0, but sorts after it."""
+
+    @nn.compact
+    def __call__(self, x):
+        return Block()(nn.Conv(4, (3, 3), padding=1)(x))
+
+
+def test_sorted_keys_lose_the_call_order_and_the_error_says_so():
+    sd = {"conv1.weight": _r(4, 3, 3, 3), "conv1.bias": _r(4),
+          "block.conv.weight": _r(4, 4, 3, 3), "block.conv.bias": _r(4)}  # fmt: skip
+    x = jnp.ones((1, 5, 5, 3))
+    init = jax.jit(_Stem().init)  # jit (like eval_shape and tree maps) sorts dict keys
+    assert list(init(jax.random.key(0), x)["params"]) == ["Block_0", "Conv_0"]
+    with pytest.raises(ValueError, match=r"(?s)shape mismatches.*sorted keys.*flax_template"):
+        interop.from_torch(sd, init(jax.random.key(0), x))
+    template = interop.flax_template(_Stem(), x)
+    assert list(template["params"]) == ["Conv_0", "Block_0"]
+    assert isinstance(template["params"]["Conv_0"]["kernel"], jax.ShapeDtypeStruct)
+    variables = interop.from_torch(sd, template)
+    np.testing.assert_array_equal(variables["params"]["Conv_0"]["bias"], sd["conv1.bias"])
+    trained = jax.jit(lambda v: v)(variables)  # e.g. after a jitted train step
+    with pytest.raises(ValueError, match="definition_order=template"):
+        interop.to_torch(trained, sd)
+    back = interop.to_torch(trained, sd, definition_order=template)
+    for key in sd:
+        np.testing.assert_array_equal(back[key], sd[key])
