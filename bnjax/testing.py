@@ -370,6 +370,7 @@ def _flat(tree: Any, name: str) -> dict[str, Any]:
     out = {}
     for path, leaf in leaves:
         key = "/".join(_key_str(p) for p in path if _key_str(p) != "value")
+        key = key or "array"
         out[f"{name}/{key}" if name else key] = leaf
     return out
 

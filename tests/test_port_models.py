@@ -13,11 +13,12 @@ Tolerances (`(rtol, atol)`, float32). The MLP and the bias-free net match within
 3e-7 everywhere: `bnjax.testing`'s defaults, 1e-5, apply. The ResNet-18 architecture
 with widths (2, 4, 8, 16) is ill-conditioned in its backward pass (BatchNorms over as
 few as 4 values per channel in layer4, 2-channel convolutions): PyTorch's own float32
-gradients are up to 9.2e-5 away from its float64 gradients, and bnjax's measured
+gradients are up to 9.2e-5 away from its float64 gradients and bnjax's up to 2.3e-4
+(`pytest tests/test_port_models.py -k float64 -s` prints both); bnjax's measured
 difference from PyTorch's float32 is 2.2e-4 for gradients and 1.8e-4 after two SGD
 steps (1.4e-5 for train-mode logits, 4.8e-7 for eval logits).
-`test_resnet_gradients_are_as_close_to_float64_as_torch` (torch) checks that bnjax is
-no farther from float64 than PyTorch itself; the tolerances below keep a ~2x margin.
+`test_resnet_gradients_are_float32_noise` (torch) checks that bnjax stays within 3x of
+PyTorch's own distance from float64; the tolerances below keep a ~2x margin.
 """
 
 from __future__ import annotations
@@ -241,8 +242,8 @@ def test_strict_load_state_dict_round_trip(name, named):
 
 
 @pytest.mark.torch
-def test_resnet_gradients_are_as_close_to_float64_as_torch():
-    """The ResNet tolerances: bnjax's float32 error is PyTorch's own (vs float64)."""
+def test_resnet_gradients_are_float32_noise():
+    """The ResNet tolerances: bnjax's float32 error is of the size of PyTorch's own."""
     torch = pytest.importorskip("torch")
     fixture, model, template = _port("port_resnet18.npz", False)
     net = _torch_models().ResNet().double()
@@ -263,6 +264,7 @@ def test_resnet_gradients_are_as_close_to_float64_as_torch():
     grads = interop.to_torch({"params": jax.jit(jax.grad(f))(variables["params"])}, fixture.grads())
     torch_err = max(np.abs(fixture.grads()[k] - exact[k]).max() for k in exact)
     ours_err = max(np.abs(grads[k] - exact[k]).max() for k in exact)
+    print(f"\nlargest |grad - float64 grad|: torch {torch_err:.1e}, bnjax {ours_err:.1e}")
     assert 5e-5 < torch_err < 2e-4  # the conditioning the tolerances are sized for
     assert ours_err < 3 * torch_err
 
