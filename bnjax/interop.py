@@ -1,4 +1,20 @@
-"""PyTorch `state_dict` <-> bnjax `(params, batch_stats)` trees, in NumPy, without torch.
+"""PyTorch `state_dict` <-> Flax variables and bnjax trees, in NumPy, without torch.
+
+Whole models (the usual way): a torch `state_dict` into a Flax model's variables and
+back, each in one call, driven by the Flax model's own variables as a template:
+
+    template = bnjax.interop.flax_template(model, x, train=False)   # shapes, call order
+    variables = bnjax.interop.from_torch(torch_model.state_dict(), template)
+    state_dict = bnjax.interop.to_torch(variables, reference=torch_model.state_dict())
+
+`from_torch` pairs torch modules with Flax layers (by path, then Flax's automatic
+names by definition order; `match_layers` shows the pairing) and converts each to
+Flax's names and layouts (`kernel`, `scale`, `embedding`; bnjax's BatchNorm names);
+`to_torch` is its bit-exact inverse. Both raise one error listing every missing,
+unexpected and mis-shaped key. See `docs/pytorch_interop.md`.
+
+Per-BatchNorm trees (for code that calls `bnjax.apply` directly):
+`from_torch_state_dict` / `to_torch_state_dict`, described below.
 
 A whole model's `state_dict` (flat, dotted keys such as `layer1.0.bn1.running_mean`)
 becomes two nested dicts keyed by module path, `{"layer1": {"0": {"bn1": {...}}}}`:

@@ -391,7 +391,9 @@ def _compare_leaf(path: str, a: Any, e: Any, rtol: float, atol: float) -> LeafCo
     diff = np.abs(a64 - e64)
     both_nan = np.isnan(a64) & np.isnan(e64)
     diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
-    used = diff / (atol + rtol * np.abs(e64)) if not exact else np.where(diff > 0, np.inf, 0.0)
+    with np.errstate(invalid="ignore"):
+        used = diff / (atol + rtol * np.abs(e64)) if not exact else np.where(diff > 0, np.inf, 0.0)
+    used = np.where(both_nan, 0.0, np.where(np.isnan(used), np.inf, used))
     if a.size == 0:
         return LeafComparison(path, a.shape, 0.0, 0.0, (), float("nan"), float("nan"), True)
     i = np.unravel_index(int(np.argmax(used)), a.shape)

@@ -561,3 +561,16 @@ def test_sorted_keys_lose_the_call_order_and_the_error_says_so():
     back = interop.to_torch(trained, sd, definition_order=template)
     for key in sd:
         np.testing.assert_array_equal(back[key], sd[key])
+
+
+def test_to_torch_leaves_its_inputs_untouched():
+    sd = _auto_sd()
+    template = interop.flax_template(_Auto(), jnp.ones((1, 5, 5, 3)))
+    variables = interop.from_torch(sd, template)
+    before = jax.tree.map(np.array, variables)
+    sd_before = copy.deepcopy(sd)
+    out = interop.to_torch(variables, sd)
+    out["features.0.weight"][...] = 0  # the result is a fresh copy
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, variables), before)
+    for k, v in sd_before.items():
+        np.testing.assert_array_equal(sd[k], v)
