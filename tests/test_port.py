@@ -574,3 +574,42 @@ def test_to_torch_leaves_its_inputs_untouched():
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, variables), before)
     for k, v in sd_before.items():
         np.testing.assert_array_equal(sd[k], v)
+
+
+def test_flax_batchnorm_without_bias_is_a_weight_only_bnjax_batchnorm():
+    """flax_interop: Flax's `use_bias=False` <-> bnjax's (and torch's) weight alone."""
+    from bnjax import flax_interop
+
+    x = _r(6, 3) * 2 + 1
+    flax_bn = nn.BatchNorm(use_running_average=True, use_bias=False)
+    flax_vars = {
+        "params": {"scale": jnp.asarray(_r(3))},
+        "batch_stats": {"mean": jnp.asarray(_r(3)), "var": jnp.asarray(RNG.uniform(0.5, 2, 3))},
+    }
+    ours = flax_interop.variables_from_flax(flax_vars)
+    assert sorted(ours["params"]) == ["weight"]
+    y = bnjax.linen.BatchNorm(use_bias=False).apply(ours, x, train=False)
+    np.testing.assert_allclose(y, flax_bn.apply(flax_vars, x), rtol=1e-6, atol=1e-6)
+    back = flax_interop.variables_to_flax(ours)
+    assert sorted(back["params"]) == ["scale"]
+    np.testing.assert_array_equal(back["params"]["scale"], flax_vars["params"]["scale"])
+
+
+def test_per_batchnorm_trees_of_a_bias_free_state_dict():
+    """from_torch_state_dict: torch's BatchNorm2d(bias=False) gives params {"weight"}."""
+    sd = {
+        "bn.weight": _r(3),
+        "bn.running_mean": _r(3),
+        "bn.running_var": RNG.uniform(0.5, 2, 3).astype(np.float32),
+        "bn.num_batches_tracked": np.array(4, np.int64),
+    }
+    params, stats = interop.from_torch_state_dict(sd)
+    assert sorted(params["bn"]) == ["weight"]
+    x = _r(4, 5, 5, 3)
+    y, _ = bnjax.apply(params["bn"], stats["bn"], x, train=False)
+    expected = (x - sd["bn.running_mean"]) / np.sqrt(sd["bn.running_var"] + 1e-5) * sd["bn.weight"]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    back = interop.to_torch_state_dict(params, stats)
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v)
