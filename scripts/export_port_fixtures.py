@@ -85,6 +85,37 @@ def export(out: Path, name: str, model: nn.Module, x: torch.Tensor, y: torch.Ten
     )
 
 
+#: (file, init seed, model, input from the generator, classes, description), in order:
+#: the models share one generator, so the order fixes every array.
+MODELS = (
+    (
+        "port_resnet18.npz",
+        0,
+        ResNet,
+        lambda gen: torch.randn(4, 3, 16, 16, generator=gen),
+        5,
+        "ResNet-18 architecture (torchvision resnet.py, BasicBlock [2, 2, 2, 2]), widths "
+        "(2, 4, 8, 16), 5 classes, input NCHW.",
+    ),
+    (
+        "port_mlp.npz",
+        1,
+        lambda: MLP(6, [16, 8, 4]),
+        lambda gen: torch.randn(8, 6, generator=gen) * 2 + 1,
+        4,
+        "torchvision.ops.MLP(6, [16, 8, 4], norm_layer=BatchNorm1d, dropout=0.25).",
+    ),
+    (
+        "port_bn_nobias.npz",
+        2,
+        NoBiasBNNet,
+        lambda gen: torch.randn(4, 3, 6, 6, generator=gen),
+        3,
+        "conv-BatchNorm2d(bias=False)-relu x2, mean pool, Linear; input NCHW.",
+    ),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures"))
@@ -100,48 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
 
-    torch.manual_seed(0)
-    resnet = ResNet()
-    _perturb_bn(resnet, gen)
-    x = torch.randn(4, 3, 16, 16, generator=gen)
-    y = torch.randint(0, 5, (4,), generator=gen)
-    export(
-        args.out,
-        "port_resnet18.npz",
-        resnet,
-        x,
-        y,
-        "ResNet-18 architecture (torchvision resnet.py, BasicBlock [2, 2, 2, 2]), widths "
-        "(2, 4, 8, 16), 5 classes, input NCHW.",
-    )
-
-    torch.manual_seed(1)
-    mlp = MLP(6, [16, 8, 4])
-    _perturb_bn(mlp, gen)
-    x = torch.randn(8, 6, generator=gen) * 2 + 1
-    y = torch.randint(0, 4, (8,), generator=gen)
-    export(
-        args.out,
-        "port_mlp.npz",
-        mlp,
-        x,
-        y,
-        "torchvision.ops.MLP(6, [16, 8, 4], norm_layer=BatchNorm1d, dropout=0.25).",
-    )
-
-    torch.manual_seed(2)
-    net = NoBiasBNNet()
-    _perturb_bn(net, gen)
-    x = torch.randn(4, 3, 6, 6, generator=gen)
-    y = torch.randint(0, 3, (4,), generator=gen)
-    export(
-        args.out,
-        "port_bn_nobias.npz",
-        net,
-        x,
-        y,
-        "conv-BatchNorm2d(bias=False)-relu x2, mean pool, Linear; input NCHW.",
-    )
+    for name, seed, build, make_x, classes, description in MODELS:
+        torch.manual_seed(seed)
+        model = build()
+        _perturb_bn(model, gen)
+        x = make_x(gen)
+        y = torch.randint(0, classes, (x.shape[0],), generator=gen)
+        export(args.out, name, model, x, y, description)
     for name in FIXTURE_NAMES:
         print(f"{(args.out / name).stat().st_size:>9d}  {args.out / name}")
     return 0
