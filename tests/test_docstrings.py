@@ -24,6 +24,8 @@ MODULES = [
     "bnjax.interop",
     "bnjax._port",
     "bnjax.testing",
+    "bnjax._fixture",
+    "bnjax._compare",
 ]
 
 
