@@ -164,11 +164,12 @@ def from_torch(
     Args:
       state_dict: a torch `state_dict` (tensors, NumPy or JAX arrays; no torch import
         needed) or a torch module (whose module classes then mark ConvTranspose layers).
-      variables: the template: linen `model.init(...)` (`{"params", "batch_stats"}`),
-        an `nnx.State` (`nnx.state(model)`), or a tuple of them
-        (`nnx.split(model, nnx.Param, nnx.BatchStat)[1:]`). Order matching uses its
-        definition order (linen keeps call order; `nnx.State` sorts names, so nnx
-        models should match by path).
+      variables: the template: linen variables (`{"params", "batch_stats"}`) from
+        `flax_template(model, ...)` (shapes only) or `model.init(...)`, an `nnx.State`
+        (`nnx.state(model)`), or a tuple of them (`nnx.split(model, nnx.Param, ...)[1:]`).
+        Order matching uses its definition order: `jax.jit`/`eval_shape`/tree maps
+        sort dict keys (an error says so), and `nnx.State` sorts names, so nnx models
+        should match by path. Other linen collections and nnx RNG state are ignored.
       rename: `{torch module path or prefix: Flax path}` (`"a.b"` / `"a/b"`), or a
         function from a torch module path to a Flax path (`None` keeps the path).
       match: `"auto"` (by path, then the rest by order), `"path"` or `"order"`.
@@ -179,9 +180,9 @@ def from_torch(
         template's values). Shape mismatches are errors either way.
 
     Returns:
-      New variables of `variables`' type and structure, with the template's dtypes
-      (JAX arrays). ConvTranspose: Flax's default `transpose_kernel=False`, its
-      kernel flipped in space. For nnx, `nnx.update(model, result)`.
+      New variables of `variables`' type, structure and key order, with the
+      template's dtypes (JAX arrays). For nnx, `nnx.update(model, result)`.
+      ConvTranspose kernels are for Flax's default `transpose_kernel=False`.
 
     Raises:
       ValueError: one error listing every missing, unexpected and mis-shaped key (torch
