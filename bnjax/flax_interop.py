@@ -66,9 +66,10 @@ def from_flax(
     the exact relation).
 
     Args:
-      params: the layer's `params`, `{"scale", "bias"}`. A layer built with
-        `use_scale=False` or `use_bias=False` gets `weight = 1` or `bias = 0`, which
-        computes the same numbers (but is trainable in bnjax); neither gives `{}`.
+      params: the layer's `params`, `{"scale", "bias"}`. `use_bias=False` (`{"scale"}`)
+        gives `{"weight"}` alone (PyTorch's `bias=False`); `use_scale=False`
+        (`{"bias"}`) gets `weight = 1`, which computes the same numbers (bnjax has no
+        bias-only BatchNorm); neither gives `{}`.
       batch_stats: the layer's `batch_stats`, `{"mean", "var"}`.
       n: the number of values per feature in each training batch (batch size times
         spatial size); `None` copies the variance unchanged.
@@ -77,7 +78,8 @@ def from_flax(
 
     Returns:
       `(params, batch_stats)` with bnjax's (PyTorch's) names:
-      `{"weight", "bias"}` and `{"running_mean", "running_var", "num_batches_tracked"}`.
+      `{"weight", "bias"}` (or `{"weight"}`) and
+      `{"running_mean", "running_var", "num_batches_tracked"}`.
 
     Raises:
       ValueError: missing or unexpected keys, or `n < 2`.
@@ -96,11 +98,13 @@ def from_flax(
     if params:
         scale = params.get("scale")
         bias = params.get("bias")
-        like = jnp.asarray(scale if scale is not None else bias)
-        new_params = {
-            "weight": jnp.asarray(scale) if scale is not None else jnp.ones_like(like),
-            "bias": jnp.asarray(bias) if bias is not None else jnp.zeros_like(like),
-        }
+        if bias is None:  # use_bias=False: PyTorch's bias=False, weight alone
+            new_params = {"weight": jnp.asarray(scale)}
+        else:
+            new_params = {
+                "weight": jnp.asarray(scale) if scale is not None else jnp.ones_like(bias),
+                "bias": jnp.asarray(bias),
+            }
     new_stats = {
         "running_mean": mean,
         "running_var": var,
@@ -118,15 +122,15 @@ def to_flax(
     """Converts bnjax's `(params, batch_stats)` to a `flax.linen.BatchNorm`'s variables.
 
     Args:
-      params: `{"weight", "bias"}` or `{}` (affine=False: use Flax's
-        `use_scale=False, use_bias=False`).
+      params: `{"weight", "bias"}`, `{"weight"}` (Flax's `use_bias=False`) or `{}`
+        (affine=False: Flax's `use_scale=False, use_bias=False`).
       batch_stats: `{"running_mean", "running_var", "num_batches_tracked"}`. bnjax
         without tracked statistics has no Flax equivalent.
       n: the number of values per feature in each batch; when given, the unbiased
         `running_var` is multiplied by `(n - 1) / n`; `None` copies it unchanged.
 
     Returns:
-      `(params, batch_stats)` with Flax's names, `{"scale", "bias"}` and
+      `(params, batch_stats)` with Flax's names, `{"scale", "bias"}` (or `{"scale"}`) and
       `{"mean", "var"}`. `num_batches_tracked` is dropped (Flax has none).
 
     Raises:
@@ -138,11 +142,14 @@ def to_flax(
       >>> sorted(fp), sorted(fs)
       (['bias', 'scale'], ['mean', 'var'])
     """
-    _check_keys("bnjax params", params, ("weight", "bias"), allow_empty=True)
+    if set(params) != {"weight"}:  # {"weight"} alone: PyTorch's bias=False
+        _check_keys("bnjax params", params, ("weight", "bias"), allow_empty=True)
     _check_keys("bnjax batch_stats", batch_stats, _BNJAX_STATS)
     new_params: Tree = {}
     if params:
-        new_params = {"scale": jnp.asarray(params["weight"]), "bias": jnp.asarray(params["bias"])}
+        new_params = {"scale": jnp.asarray(params["weight"])}
+        if "bias" in params:
+            new_params["bias"] = jnp.asarray(params["bias"])
     new_stats = {
         "mean": jnp.asarray(batch_stats["running_mean"]),
         "var": _rescale(jnp.asarray(batch_stats["running_var"]), n, up=False),

@@ -1,4 +1,20 @@
-"""PyTorch `state_dict` <-> bnjax `(params, batch_stats)` trees, in NumPy, without torch.
+"""PyTorch `state_dict` <-> Flax variables and bnjax trees, in NumPy, without torch.
+
+Whole models (the usual way): a torch `state_dict` into a Flax model's variables and
+back, each in one call, driven by the Flax model's own variables as a template:
+
+    template = bnjax.interop.flax_template(model, x, train=False)   # shapes, call order
+    variables = bnjax.interop.from_torch(torch_model.state_dict(), template)
+    state_dict = bnjax.interop.to_torch(variables, reference=torch_model.state_dict())
+
+`from_torch` pairs torch modules with Flax layers (by path, then Flax's automatic
+names by definition order; `match_layers` shows the pairing) and converts each to
+Flax's names and layouts (`kernel`, `scale`, `embedding`; bnjax's BatchNorm names);
+`to_torch` is its bit-exact inverse. Both raise one error listing every missing,
+unexpected and mis-shaped key. See `docs/pytorch_interop.md`.
+
+Per-BatchNorm trees (for code that calls `bnjax.apply` directly):
+`from_torch_state_dict` / `to_torch_state_dict`, described below.
 
 A whole model's `state_dict` (flat, dotted keys such as `layer1.0.bn1.running_mean`)
 becomes two nested dicts keyed by module path, `{"layer1": {"0": {"bn1": {...}}}}`:
@@ -30,13 +46,30 @@ dtypes and values bit for bit.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["STAT_NAMES", "from_torch_state_dict", "to_torch_state_dict"]
+from bnjax._layers import LayerMatch as LayerMatch
+from bnjax._layers import Matching as Matching
+from bnjax._layers import to_numpy as _to_numpy
+from bnjax._port import flax_template as flax_template
+from bnjax._port import from_torch as from_torch
+from bnjax._port import match_layers as match_layers
+from bnjax._port import to_torch as to_torch
+
+__all__ = [
+    "STAT_NAMES",
+    "LayerMatch",
+    "Matching",
+    "flax_template",
+    "from_torch",
+    "from_torch_state_dict",
+    "match_layers",
+    "to_torch",
+    "to_torch_state_dict",
+]
 
 #: Leaf names that go to `batch_stats`; every other leaf goes to `params`.
 STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -46,6 +79,8 @@ LinearLayout = Literal["in_out", "out_in"]
 Tree = dict[str, Any]
 
 _INT32_MAX = np.iinfo(np.int32).max
+#: Leaf names only Flax uses: a tree holding them is a Flax model's, not torch-named.
+_FLAX_LEAVES = ("kernel", "scale", "embedding")
 
 
 def from_torch_state_dict(
@@ -154,7 +189,8 @@ def to_torch_state_dict(
       A flat `dict` from dotted torch keys to fresh NumPy arrays.
 
     Raises:
-      ValueError: a key appears in both trees, a key that is both a module and a leaf,
+      ValueError: Flax leaf names (`kernel`, `scale`, `embedding`: use `to_torch`),
+        a key appears in both trees, a key that is both a module and a leaf,
         a bad `num_batches_tracked`, or, with `reference`, missing, extra or
         mis-shaped keys (all of them listed).
 
@@ -167,6 +203,7 @@ def to_torch_state_dict(
     keep = _module_paths(keep_torch_layout, "keep_torch_layout")
     flat_params = _flatten(params, "params")
     flat_stats = _flatten(batch_stats, "batch_stats")
+    _reject_flax_names({**flat_params, **flat_stats})
     both = sorted(set(flat_params) & set(flat_stats))
     if both:
         raise ValueError(f"to_torch_state_dict: keys in both params and batch_stats: {both}.")
@@ -217,34 +254,6 @@ def _weight_to_torch(w: np.ndarray, conv_layout: str, linear_layout: str) -> np.
 
 
 # --------------------------------------------------------------------------- arrays
-
-
-def _to_numpy(value: Any, key: str) -> np.ndarray:
-    """A fresh NumPy copy of a tensor/array, via `.detach().cpu().numpy()` when present."""
-    v = value
-    try:
-        if hasattr(v, "detach"):
-            v = v.detach()
-        if hasattr(v, "cpu"):
-            v = v.cpu()
-        if str(getattr(v, "dtype", "")) == "torch.bfloat16":
-            # NumPy has no bfloat16; reinterpret the bits (torch is already imported).
-            import ml_dtypes
-
-            torch = sys.modules["torch"]
-            return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        if hasattr(v, "numpy") and not isinstance(v, np.ndarray | np.generic):
-            v = v.numpy()
-        arr = np.array(v, copy=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the key named
-        raise TypeError(
-            f"state_dict['{key}']: cannot convert a {type(value).__name__} to a NumPy array ({e})."
-        ) from e
-    if arr.dtype == object:
-        raise TypeError(
-            f"state_dict['{key}']: expected a tensor or array, got {type(value).__name__}."
-        )
-    return arr
 
 
 def _shape_source(v: Any) -> Any:
@@ -334,6 +343,19 @@ def _flatten(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
 
     walk(tree, "")
     return flat
+
+
+def _reject_flax_names(flat: Mapping[str, Any]) -> None:
+    """Flax's leaf names would come out as wrong torch keys (`conv1.kernel`, untransposed)."""
+    flax = [k for k in flat if _split_key(k)[1] in _FLAX_LEAVES]
+    if flax:
+        raise ValueError(
+            "to_torch_state_dict: these keys have Flax's names, not torch's: "
+            f"{flax}. This function takes trees with torch's names (from "
+            "`from_torch_state_dict`); for a Flax model's variables (kernel, scale, "
+            "embedding, Conv_0...) use `bnjax.interop.to_torch(variables, "
+            "reference=torch_model.state_dict())`."
+        )
 
 
 def _merged_order(params: Mapping[str, Any], stats: Mapping[str, Any]) -> list[str]:

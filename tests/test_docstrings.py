@@ -24,6 +24,10 @@ MODULES = [
     "bnjax.flax_interop",
     "bnjax.training",
     "bnjax.interop",
+    "bnjax._port",
+    "bnjax.testing",
+    "bnjax._fixture",
+    "bnjax._compare",
 ]
 
 

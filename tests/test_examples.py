@@ -39,3 +39,19 @@ def test_data_parallel_example_on_two_processes():
     for run in ("shard_map + axis_name", "jit + NamedSharding"):
         line = next(line for line in out.splitlines() if line.strip().startswith(run))
         assert line.endswith("ok"), line
+
+
+def test_port_resnet_matches_pytorch_from_the_committed_fixture():
+    import sys
+
+    # Flax modules are dataclasses: their module must be importable by name.
+    spec = importlib.util.spec_from_file_location("port_resnet", EXAMPLES / "port_resnet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["port_resnet"] = module
+    try:
+        spec.loader.exec_module(module)
+        diffs = module.main(["--fixture"])
+    finally:
+        del sys.modules["port_resnet"]
+    assert diffs["eval"] < 1e-5 and diffs["state"] < 1e-5
+    assert diffs["grads"] < 5e-4 and diffs["steps"] < 5e-4  # see tests/test_port_models.py

@@ -3,7 +3,8 @@
 The fixtures are written by `scripts/export_torch_fixtures.py` (torch==2.13.0, CPU);
 these tests need no torch. Each scenario is reproduced with `bnjax.apply` (scenarios a,
 b, e) or with the JAX port of the fixture's net in `small_net.py` and
-`bnjax.interop` (scenarios c, d), and compared with `chex.assert_trees_all_close`.
+`bnjax.interop` (scenarios c, d), and compared with `bnjax.testing.assert_trees_close`
+(which names the worst element of every leaf when a comparison fails).
 Run with `-s` to print the largest absolute difference seen per scenario.
 
 Tolerances (float32; eps_f32 = 2**-23 ~ 1.2e-7). The -s output prints, per scenario,
@@ -35,7 +36,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +48,7 @@ import pytest
 import small_net
 
 import bnjax
-from bnjax import interop
+from bnjax import interop, testing
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPORTER = Path(__file__).parent.parent / "scripts" / "export_torch_fixtures.py"
@@ -75,10 +75,8 @@ TOL_USED: dict[
 
 @functools.cache
 def _load(name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    with np.load(FIXTURES / name) as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(str(arrays.pop("__meta__")))
-    return meta, arrays
+    fixture = testing.load_fixture(FIXTURES / name)
+    return fixture.meta, fixture.arrays
 
 
 def _sub(arrays: dict[str, np.ndarray], prefix: str, index: int | None = None) -> dict:
@@ -89,15 +87,11 @@ def _sub(arrays: dict[str, np.ndarray], prefix: str, index: int | None = None) -
 
 
 def _close(scenario: str, actual, expected, tol: dict) -> None:
-    """chex.assert_trees_all_close, recording the largest absolute difference."""
-    actual = jax.tree.map(lambda a: np.asarray(a, np.float64), actual)
-    expected = jax.tree.map(lambda a: np.asarray(a, np.float64), expected)
-    chex.assert_trees_all_close(actual, expected, **tol)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        d = np.abs(a - e)
-        used = d / (tol["atol"] + tol["rtol"] * np.abs(e))
-        MAX_DIFF[scenario] = max(MAX_DIFF.get(scenario, 0.0), float(np.max(d, initial=0)))
-        TOL_USED[scenario] = max(TOL_USED.get(scenario, 0.0), float(np.max(used, initial=0)))
+    """`bnjax.testing.assert_trees_close`, recording the largest difference per scenario."""
+    report = testing.assert_trees_close(actual, expected, **tol)
+    MAX_DIFF[scenario] = max(MAX_DIFF.get(scenario, 0.0), report.max_abs_diff)
+    used = max((leaf.tol_used for leaf in report.leaves), default=0.0)
+    TOL_USED[scenario] = max(TOL_USED.get(scenario, 0.0), used)
 
 
 def _stats_equal_count(actual: dict, expected: dict) -> None:
