@@ -14,14 +14,17 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from bnjax._conventions import STAT_KEYS
+
 Match = Literal["auto", "path", "order"]
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
 
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_STATS = STAT_KEYS
 _BN_LEAVES = ("weight", "bias", *_STATS)
 _COLLECTIONS = ("params", "batch_stats")
 _AUTO_NAME = re.compile(r"^[A-Z]\w*_\d+$")
@@ -29,22 +32,22 @@ _LAYERS_N = re.compile(r"^layers_(\d+)$")
 _INT32_MAX = np.iinfo(np.int32).max
 
 # Flax leaf name of torch's `weight`, per layer kind (`bias` and stats keep their names).
-_WEIGHT_NAME = {
+_WEIGHT_NAME = MappingProxyType({
     "dense": "kernel",
     "conv": "kernel",
     "conv_transpose": "kernel",
     "embed": "embedding",
     "norm": "scale",
     "batchnorm": "weight",
-}
-_KIND_DOC = {
+})
+_KIND_DOC = MappingProxyType({
     "dense": "Linear <-> Dense",
     "conv": "Conv <-> Conv",
     "conv_transpose": "ConvTranspose <-> ConvTranspose",
     "embed": "Embedding <-> Embed",
     "norm": "LayerNorm/GroupNorm <-> LayerNorm/GroupNorm",
     "batchnorm": "BatchNorm <-> bnjax BatchNorm",
-}
+})
 
 
 # --------------------------------------------------------------------------- records

@@ -323,17 +323,13 @@ def _placement(sharding: Any) -> Any:
     return tuple(sorted(d.id for d in sharding.device_set))
 
 
-_JITTED: dict[Any, Callable[[list[Any]], Any]] = {}
-
-
 def _jitted_fingerprints(n: int, out_sharding: Any) -> Callable[[list[Any]], Any]:
-    key = (n, out_sharding)
-    if key not in _JITTED:
-        _JITTED[key] = jax.jit(
-            lambda leaves: jnp.stack([_fingerprint(jnp, a) for a in leaves]),
-            out_shardings=out_sharding,
-        )
-    return _JITTED[key]
+    """One jitted call over `n` leaves (built per save/restore: no module-level cache)."""
+    del n  # the leaves' count is part of the traced structure
+    return jax.jit(
+        lambda leaves: jnp.stack([_fingerprint(jnp, a) for a in leaves]),
+        out_shardings=out_sharding,
+    )
 
 
 def _fingerprint(xp: Any, a: Any) -> Any:

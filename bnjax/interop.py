@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bnjax._conventions import STAT_KEYS
 from bnjax._layers import LayerMatch as LayerMatch
 from bnjax._layers import Matching as Matching
 from bnjax._layers import to_numpy as _to_numpy
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 #: Leaf names that go to `batch_stats`; every other leaf goes to `params`.
-STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+STAT_NAMES = STAT_KEYS
 
 ConvLayout = Literal["HWIO", "OIHW"]
 LinearLayout = Literal["in_out", "out_in"]

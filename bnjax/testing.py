@@ -25,6 +25,7 @@ and then, without torch:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -50,13 +51,13 @@ __all__ = [
 ]
 
 #: `(rtol, atol)` per group when `check_model` is not told otherwise (float32).
-DEFAULT_TOLERANCES = {
+DEFAULT_TOLERANCES = MappingProxyType({
     "eval": (1e-5, 1e-5),
     "train": (1e-5, 1e-5),
     "state": (1e-5, 1e-5),
     "grads": (1e-5, 1e-5),
     "steps": (1e-5, 1e-5),
-}
+})
 
 
 # --------------------------------------------------------------------------- models
