@@ -206,7 +206,14 @@ def _match(
         else:
             found[path] = (src, b)
     if pairs is None:
-        return [v for v in found.values() if not isinstance(v, str)]
+        foldable = [v for v in found.values() if not isinstance(v, str)]
+        if not foldable:
+            why = "; ".join(f"{_name(k)}: {v}" for k, v in found.items())
+            raise ValueError(
+                f"{who}: found no Conv/Dense -> BatchNorm pair to fold in the sample call "
+                f"({why or 'no bnjax BatchNorm ran'})."
+            )
+        return foldable
     out = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):

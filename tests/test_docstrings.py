@@ -14,6 +14,7 @@ MODULES = [
     "bnjax._core",
     "bnjax._conventions",
     "bnjax._fold",
+    "bnjax._fold_model",
     "bnjax._precise_bn",
     "bnjax._eval_check",
     "bnjax._checkpoint",
