@@ -1,14 +1,49 @@
-"""PyTorch and Flax conventions for BatchNorm's momentum, in one place.
+"""PyTorch and Flax conventions of BatchNorm, in one place.
 
-PyTorch's `momentum` is the weight of the *new* batch:
-`running = (1 - momentum) * running + momentum * batch` (default 0.1).
-Flax's `momentum` is the weight of the *old* value:
-`running = momentum * running + (1 - momentum) * batch` (default 0.99).
-The two are `1 - each other`. (Flax also stores the *biased* batch variance where
-PyTorch stores the unbiased one; see `bnjax.flax_interop` for converting trees.)
+- Key names: a BatchNorm's `params` are `{"weight", "bias"}` (or `{"weight"}` alone
+  for PyTorch's `bias=False`, or `{}`), its `batch_stats` are `{"running_mean",
+  "running_var", "num_batches_tracked"}` (or `{}`): PyTorch's `state_dict` names.
+- The one rule for "is this node a BatchNorm's statistics": a mapping whose keys are
+  exactly `STAT_KEYS` (`is_batch_stats`).
+- Plain dicts: Flax `FrozenDict`s, `nnx.State`s and other mappings become nested
+  `dict`s (`to_plain_dict`).
+- Momentum: PyTorch's `momentum` is the weight of the *new* batch,
+  `running = (1 - momentum) * running + momentum * batch` (default 0.1); Flax's is
+  the weight of the *old* value (default 0.99). The two are `1 - each other`. (Flax
+  also stores the *biased* batch variance where PyTorch stores the unbiased one; see
+  `bnjax.flax_interop` for converting trees.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+PARAM_KEYS = ("weight", "bias")
+STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+# The key sets a BatchNorm's `params` may have: affine, PyTorch's `bias=False`, none.
+PARAM_KEY_SETS = (frozenset(PARAM_KEYS), frozenset({"weight"}), frozenset())
+_STAT_KEY_SET = frozenset(STAT_KEYS)
+
+
+def is_batch_stats(node: Any) -> bool:
+    """Whether `node` is one BatchNorm's statistics: a mapping with exactly `STAT_KEYS`."""
+    return isinstance(node, Mapping) and set(node) == _STAT_KEY_SET
+
+
+def to_plain_dict(tree: Any) -> Any:
+    """Nested plain `dict`s from any nesting of mappings (`FrozenDict`, `nnx.State`).
+
+    Leaves (and non-mapping containers) are returned as they are; the input is not
+    modified. An `nnx.State` is read through its `to_pure_dict`, so nnx `Variable`
+    boxes become their values.
+    """
+    to_pure = getattr(tree, "to_pure_dict", None)
+    if callable(to_pure):
+        tree = to_pure()
+    if isinstance(tree, Mapping):
+        return {k: to_plain_dict(v) for k, v in tree.items()}
+    return tree
 
 
 def momentum_from_flax(flax_momentum: float) -> float:

@@ -1,13 +1,14 @@
-"""The core of bnjax: `init` and `apply`, two pure functions with PyTorch's numbers.
+"""The core of bnjax: `init`, and `apply` as the composition of two pure steps.
 
+`normalize` computes `y` (and the batch moments when batch statistics are used);
+`update_stats` folds moments into the running statistics with PyTorch's update;
+`apply(...) == update_stats(batch_stats, normalize(...)[1])` with `y`, bit for bit.
 Everything else in the package (Flax modules, interop, training steps, deployment
-helpers) wires state to these two functions; the maths lives here and in
-`_stats.py`.
+helpers) wires state to these functions; the maths lives here and in `_stats.py`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import _fused, _stats
+from bnjax._conventions import PARAM_KEYS, STAT_KEYS
 from bnjax._validate import (
     check_hyperparameters,
     check_keys,
     check_mask,
+    check_params_keys,
     check_train,
     check_x,
     feature_shape_of,
@@ -33,24 +36,17 @@ DTypeLike = Any
 Params = dict[str, Array]
 BatchStats = dict[str, Array]
 
-PARAM_KEYS = ("weight", "bias")
-STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
-
-# A trace-time observer of running-statistics updates, set only by `bnjax.training`
-# to learn each BatchNorm's momentum and count (n) inside an opaque loss function.
-# It never changes what `apply` computes. Called as
-# `observer(batch_stats, new_batch_stats, moments, momentum)`; None (the default) is off.
-_UPDATE_OBSERVER: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "bnjax_update_observer", default=None
-)
+__all__ = ["PARAM_KEYS", "STAT_KEYS", "apply", "init", "normalize", "update_stats"]
 
 
 def init(
     num_features: int | Sequence[int],
     *,
     affine: bool = True,
+    bias: bool = True,
     track_running_stats: bool = True,
     dtype: DTypeLike = jnp.float32,
+    **misplaced: Any,
 ) -> tuple[Params, BatchStats]:
     """Creates the parameters and running statistics of a BatchNorm.
 
@@ -60,27 +56,51 @@ def init(
     Args:
       num_features: the number of features C (an int), or the features' shape
         (a tuple of ints) when `apply` is given several feature axes.
-      affine: whether to create a learnable per-feature `weight` and `bias`.
+      affine: whether to create a learnable per-feature `weight` (and `bias`).
+      bias: with `affine`, whether to create `bias` too; `bias=False` gives
+        `{"weight"}` alone, PyTorch's `BatchNorm2d(C, bias=False)`.
       track_running_stats: whether to create running statistics.
       dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      **misplaced: nothing is accepted here; `eps` and `momentum` belong to
+        `bnjax.apply` (or to `bnjax.batch_norm`, which keeps them with the layer).
 
     Returns:
-      `(params, batch_stats)`: `params` is `{"weight": ones, "bias": zeros}` (or `{}`
-      when `affine=False`); `batch_stats` is `{"running_mean": zeros, "running_var":
-      ones, "num_batches_tracked": 0}` (or `{}` when `track_running_stats=False`).
+      `(params, batch_stats)`: `params` is `{"weight": ones, "bias": zeros}` (or
+      `{"weight"}` alone with `bias=False`, `{}` with `affine=False`); `batch_stats`
+      is `{"running_mean": zeros, "running_var": ones, "num_batches_tracked": 0}`
+      (or `{}` when `track_running_stats=False`).
 
     Raises:
       ValueError: if `num_features` is not a positive int or a tuple of them.
+      TypeError: an unknown keyword, e.g. `eps` or `momentum` (they are `apply`'s).
 
     Example:
       >>> params, batch_stats = bnjax.init(3)
       >>> params["weight"].shape, batch_stats["num_batches_tracked"].dtype
       ((3,), dtype('int32'))
+      >>> sorted(bnjax.init(3, bias=False)[0])
+      ['weight']
     """
+    if misplaced:
+        names = sorted(misplaced)
+        hint = ""
+        if {"eps", "momentum", "epsilon", "axis", "axis_name"} & set(names):
+            hint = (
+                " `eps`, `momentum`, `axis` and `axis_name` are settings of the forward "
+                "pass: pass them to `bnjax.apply(params, batch_stats, x, train, eps=...)`, "
+                "or build the layer once with `bn = bnjax.batch_norm(eps=...)` and use "
+                "`bn.init(num_features)` / `bn.apply(...)`."
+            )
+        raise TypeError(
+            f"bnjax.init got unexpected keyword argument(s) {names}; it takes "
+            f"num_features, affine, bias, track_running_stats and dtype.{hint}"
+        )
     shape = _feature_shape_from_num_features(num_features)
     params: Params = {}
     if affine:
-        params = {"weight": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
+        params = {"weight": jnp.ones(shape, dtype)}
+        if bias:
+            params["bias"] = jnp.zeros(shape, dtype)
     batch_stats: BatchStats = {}
     if track_running_stats:
         batch_stats = {
@@ -120,9 +140,11 @@ def apply(
     `momentum is None`; `running_mean = (1 - m) running_mean + m mean`;
     `running_var = (1 - m) running_var + m var n / (n - 1)` (unbiased). When fewer
     than 2 values count (a mask, or an empty batch) the running statistics are kept.
+    `apply` is `normalize` followed by `update_stats`, bit for bit.
 
     Args:
-      params: `{"weight", "bias"}` of the features' shape, or `{}` (no affine).
+      params: `{"weight", "bias"}` of the features' shape, `{"weight"}` alone
+        (PyTorch's `bias=False`), or `{}` (no affine).
       batch_stats: `{"running_mean", "running_var", "num_batches_tracked"}`, or `{}`.
       x: a floating-point array with at least 2 dimensions (1 under a named axis).
       train: a Python bool, static under `jax.jit`: batch statistics (True) or
@@ -135,8 +157,9 @@ def apply(
       axis_name: a named axis (`vmap`, `pmap`, `shard_map`) over which batch
         statistics are synchronized, as PyTorch's `SyncBatchNorm` does. Static.
       axis_index_groups: sub-groups of `axis_name` to synchronize within (`pmap`).
-      mask: a boolean array of `x`'s shape without the feature axes; only `True`
-        positions count toward the statistics.
+      mask: a boolean array of `x`'s shape without the feature axes, or one that
+        broadcasts to it (`(N, 1)` drops whole samples); only `True` positions count
+        toward the statistics. Padding may hold anything, NaN and inf included.
 
     Returns:
       `(y, new_batch_stats)`: `y` has `x`'s shape and dtype; `new_batch_stats` has
@@ -153,10 +176,72 @@ def apply(
       >>> y.shape, int(batch_stats["num_batches_tracked"])
       ((4, 3), 1)
     """
+    check_hyperparameters(momentum=momentum, eps=eps)  # momentum checked whatever train is
+    y, moments = normalize(
+        params,
+        batch_stats,
+        x,
+        train,
+        eps=eps,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )
+    return y, update_stats(batch_stats, moments, momentum=momentum)
+
+
+def normalize(
+    params: Params,
+    batch_stats: BatchStats,
+    x: ArrayLike,
+    train: bool,
+    *,
+    eps: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
+) -> tuple[Array, _stats.Moments | None]:
+    r"""The first step of `apply`: `y`, and the batch moments it normalized with.
+
+    $$y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot \text{weight} + \text{bias}$$
+
+    Batch statistics are used when `train` is True or `batch_stats` is `{}` (the
+    moments are returned); otherwise the running statistics are (and the moments
+    are `None`). Nothing is updated: pass the moments to `update_stats` (or pool
+    several batches' moments first, e.g. across micro-batches or devices).
+
+    Args:
+      params: `{"weight", "bias"}`, `{"weight"}` alone, or `{}`.
+      batch_stats: `{"running_mean", "running_var", "num_batches_tracked"}`, or `{}`.
+      x: a floating-point array with at least 2 dimensions (1 under a named axis).
+      train: a Python bool, static under `jax.jit`.
+      eps: added to the variance; must be > 0. Static.
+      axis: the feature axis or axes. Static.
+      axis_name: a named axis to synchronize batch statistics over. Static.
+      axis_index_groups: sub-groups of `axis_name` to synchronize within (`pmap`).
+      mask: boolean, `x`'s shape without the feature axes or broadcasting to it.
+
+    Returns:
+      `(y, moments)`: `y` has `x`'s shape and dtype; `moments` is a `bnjax.Moments`
+      (per-feature mean, biased variance, reduced in float32 at least, and the count
+      of values per feature: an int when static, else an int32 scalar) or `None`.
+
+    Raises:
+      TypeError, ValueError: as `apply`.
+
+    Example:
+      >>> params, batch_stats = bnjax.init(2)
+      >>> x = jnp.array([[0.0, 1.0], [2.0, 5.0]])
+      >>> y, moments = bnjax.normalize(params, batch_stats, x, train=True)
+      >>> moments.mean, moments.var, moments.count
+      (Array([1., 3.], dtype=float32), Array([1., 4.], dtype=float32), 2)
+    """
     # --- static checks: everything below raises at trace time, before any maths.
     train = check_train(train)
-    check_hyperparameters(momentum=momentum, eps=eps)
-    check_keys("params", params, PARAM_KEYS)
+    check_hyperparameters(momentum=None, eps=eps)
+    check_params_keys(params)
     check_keys("batch_stats", batch_stats, STAT_KEYS)
     x = check_x(x, allow_1d=axis_name is not None)
     axes = normalize_axes(axis, x.shape)
@@ -177,54 +262,79 @@ def apply(
                 "running statistics."
             )
 
-    # --- the maths.
-    if (
-        use_batch_stats
-        and mask is None
-        and axis_name is None
-        and _fused.supports(x, reduce_axes)
-        and not _stats._sharded_explicitly(x, reduce_axes)
-    ):
-        # The fast path: fused statistics and a closed-form derivative (`_fused.py`).
-        y, moments = _fused.batch_norm_train(
-            x, params.get("weight"), params.get("bias"), eps=eps, reduce_axes=reduce_axes
-        )
-    elif use_batch_stats:
-        moments = _stats.batch_moments(
-            x,
-            reduce_axes,
-            mask=mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-        )
-        _, a = _stats.fold_scale(moments.var, params.get("weight"), eps)
-        y = _stats.affine(x, moments.mean, a, params.get("bias"), reduce_axes)
-    else:
+    weight, bias = params.get("weight"), params.get("bias")
+    if not use_batch_stats:
         # Eval: one multiply-add per element, scale and shift folded first.
         y = _fused.batch_norm_eval(
             x,
             batch_stats["running_mean"],
             batch_stats["running_var"],
-            params.get("weight"),
-            params.get("bias"),
+            weight,
+            bias,
             eps=eps,
             reduce_axes=reduce_axes,
         )
+        return y, None
+    if (
+        mask is None
+        and axis_name is None
+        and _fused.supports(x, reduce_axes)
+        and not _stats._sharded_explicitly(x, reduce_axes)
+    ):
+        # The fast path: fused statistics and a closed-form derivative (`_fused.py`).
+        return _fused.batch_norm_train(x, weight, bias, eps=eps, reduce_axes=reduce_axes)
+    if mask is not None:
+        # Padding may hold NaN or inf: replace non-finite masked-out values before any
+        # arithmetic touches them, so that neither the statistics nor any gradient
+        # (0 * NaN in a backward pass) sees them. Finite padding is kept as it is.
+        keep = jnp.expand_dims(mask, axes) | jnp.isfinite(x)
+        x = jnp.where(keep, x, jnp.zeros((), x.dtype))
+    moments = _stats.batch_moments(
+        x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
+    _, a = _stats.fold_scale(moments.var, weight, eps)
+    return _stats.affine(x, moments.mean, a, bias, reduce_axes), moments
 
-    if train and batch_stats:
-        new_batch_stats = _update_running_stats(batch_stats, moments, momentum)
-        observer = _UPDATE_OBSERVER.get()
-        if observer is not None:
-            observer(batch_stats, new_batch_stats, moments, momentum)
-    else:
-        new_batch_stats = dict(batch_stats)
-    return y, new_batch_stats
 
-
-def _update_running_stats(
-    batch_stats: BatchStats, moments: _stats.Moments, momentum: float | None
+def update_stats(
+    batch_stats: BatchStats,
+    moments: _stats.Moments | None,
+    *,
+    momentum: float | None = 0.1,
 ) -> BatchStats:
-    """PyTorch's running-statistics update, kept unchanged when fewer than 2 values count."""
+    """The second step of `apply`: PyTorch's running-statistics update from moments.
+
+    `num_batches_tracked += 1`; `m = momentum` (or `1 / num_batches_tracked` when
+    `momentum is None`); `running_mean = (1 - m) running_mean + m mean`;
+    `running_var = (1 - m) running_var + m var n / (n - 1)`. With fewer than 2
+    counted values (`moments.count < 2`) the statistics are kept (the count still
+    increments), as PyTorch does.
+
+    Args:
+      batch_stats: `{"running_mean", "running_var", "num_batches_tracked"}`, or `{}`
+        (returned as `{}`).
+      moments: a `bnjax.Moments` (mean, biased variance, count), e.g. from
+        `normalize`; `None` (what `normalize` returns in eval mode) keeps the
+        statistics unchanged.
+      momentum: the weight of the new batch in [0, 1], or `None` (cumulative average).
+
+    Returns:
+      The new statistics, with the structure and dtypes of `batch_stats`.
+
+    Raises:
+      ValueError: `momentum` outside [0, 1]; `batch_stats` with other keys.
+
+    Example:
+      >>> _, batch_stats = bnjax.init(1)
+      >>> moments = bnjax.Moments(mean=jnp.array([2.0]), var=jnp.array([1.0]), count=5)
+      >>> new = bnjax.update_stats(batch_stats, moments, momentum=0.5)
+      >>> new["running_mean"], new["running_var"]   # var * 5 / 4 = 1.25
+      (Array([1.], dtype=float32), Array([1.125], dtype=float32))
+    """
+    check_hyperparameters(momentum=momentum, eps=1.0)
+    check_keys("batch_stats", batch_stats, STAT_KEYS)
+    if moments is None or not batch_stats:
+        return dict(batch_stats)
     count = batch_stats["num_batches_tracked"]
     new_count = count + jnp.ones((), count.dtype)
     rm, rv = batch_stats["running_mean"], batch_stats["running_var"]

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._conventions import PARAM_KEY_SETS, PARAM_KEYS
+
 
 def check_train(train: Any) -> bool:
     """`train` must be a concrete Python bool: it selects a different computation."""
@@ -119,16 +121,55 @@ def feature_shape_of(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int
     return tuple(shape[a] for a in axes)
 
 
+def check_params_keys(params: Any) -> None:
+    """`params` is `{}`, `{"weight", "bias"}` or `{"weight"}` (PyTorch's `bias=False`)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "bnjax.apply: `params` must be a dict with keys ['weight', 'bias'], ['weight'] "
+            f"(PyTorch's bias=False) or {{}}, got {type(params).__name__}."
+        )
+    keys = frozenset(params)
+    if keys in PARAM_KEY_SETS:
+        return
+    if keys == {"bias"}:
+        raise ValueError(
+            "bnjax.apply: `params` has a 'bias' but no 'weight'. A BatchNorm's params are "
+            "{'weight', 'bias'}, {'weight'} alone (PyTorch's BatchNorm(C, bias=False)) or {} "
+            "(affine=False); for a bias without a scale, add 'weight': ones."
+        )
+    missing = sorted(set(PARAM_KEYS) - keys) if keys & set(PARAM_KEYS) else ["bias", "weight"]
+    extra = sorted(keys - set(PARAM_KEYS), key=str)
+    raise ValueError(
+        "bnjax.apply: `params` must have exactly the keys ['weight', 'bias'], ['weight'] "
+        f"(PyTorch's bias=False), or be {{}}; missing keys: {missing}, unexpected keys: "
+        f"{extra}."
+    )
+
+
 def check_mask(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
-    """`mask` is boolean with `x`'s shape less the feature axes."""
+    """`mask` is boolean and broadcasts to `x`'s shape less the feature axes.
+
+    Returns the mask broadcast to that shape (`(N, 1)` drops whole samples of an
+    `(N, L, C)` input, as Flax's `mask` allows).
+    """
     mask = mask if isinstance(mask, jax.Array) else jnp.asarray(mask)
     expected = tuple(d for a, d in enumerate(x_shape) if a not in axes)
     if mask.dtype != jnp.bool_:
-        raise TypeError(f"bnjax.apply: `mask` must be boolean, got dtype {mask.dtype}.")
-    if tuple(mask.shape) != expected:
+        raise TypeError(
+            f"bnjax.apply: `mask` must be boolean, got dtype {mask.dtype}; e.g. "
+            "`mask = lengths[:, None] > jnp.arange(L)`."
+        )
+    try:
+        ok = mask.ndim <= len(expected) and (
+            jnp.broadcast_shapes(tuple(mask.shape), expected) == expected
+        )
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(
             f"bnjax.apply: `mask` must have x's shape without the feature axes, "
-            f"{expected} for x of shape {tuple(x_shape)} and feature axes {axes}; got "
-            f"mask of shape {tuple(mask.shape)}."
+            f"{expected} for x of shape {tuple(x_shape)} and feature axes {axes}, or "
+            f"broadcast to it (e.g. {expected[:1] + (1,) * (len(expected) - 1)} to drop "
+            f"whole samples); got mask of shape {tuple(mask.shape)}."
         )
-    return mask
+    return jnp.broadcast_to(mask, expected)

@@ -33,18 +33,19 @@ import numpy as np
 from flax.core import meta
 
 from bnjax import _core
-from bnjax._validate import (
-    check_hyperparameters,
-    check_keys,
-    check_train,
-    feature_shape_of,
-    normalize_axes,
-)
+from bnjax._conventions import STAT_KEYS
+from bnjax._layer import BatchNormConfig, param_keys, resolve_train
+from bnjax._report import REPORT_NAME, make_report
+from bnjax._validate import check_keys, feature_shape_of, normalize_axes
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-__all__ = ["BatchNorm"]
+__all__ = ["REPORTS", "BatchNorm"]
+
+#: The Flax collection a `BatchNorm` sows its `bnjax.BatchNormReport` into, when the
+#: caller makes it mutable: `model.apply(..., mutable=["batch_stats", REPORTS])`.
+REPORTS = "bn_reports"
 
 
 class BatchNorm(nn.Module):
@@ -65,6 +66,11 @@ class BatchNorm(nn.Module):
         cumulative average. `bnjax.momentum_from_flax` converts Flax's.
       epsilon: added to the variance, > 0.
       affine: whether to learn a per-feature `weight` and `bias` (`params`).
+      use_scale: Flax's switch for `weight` (with `affine`).
+      use_bias: Flax's switch for `bias` (with `affine`); `use_bias=False` is
+        PyTorch's `BatchNorm2d(C, bias=False)`, params `{"weight"}` alone. A bias
+        without a scale (`use_scale=False, use_bias=True`) has no PyTorch
+        counterpart and is refused.
       track_running_stats: whether to keep running statistics in `batch_stats`.
       axis: the feature axis (or a tuple of them): `-1` channels-last, `1` NCHW.
       axis_name: a named axis (`nn.vmap`, `pmap`, `shard_map`) to synchronize batch
@@ -92,6 +98,8 @@ class BatchNorm(nn.Module):
     momentum: float | None = 0.1
     epsilon: float = 1e-5
     affine: bool = True
+    use_scale: bool = True
+    use_bias: bool = True
     track_running_stats: bool = True
     axis: int | Sequence[int] = -1
     axis_name: Any = None
@@ -131,8 +139,10 @@ class BatchNorm(nn.Module):
             tree: convert it with `bnjax.flax_interop`), training without a mutable
             `batch_stats` collection, and every bad input `bnjax.apply` rejects.
         """
-        train = self._resolve_train(train, use_running_average)
-        check_hyperparameters(momentum=self.momentum, eps=self.epsilon)
+        train = resolve_train(
+            "bnjax.linen.BatchNorm", train, use_running_average, self.use_running_average
+        )
+        config = self.config  # validates momentum, eps, use_scale/use_bias
         x = jnp.asarray(x)
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -147,7 +157,7 @@ class BatchNorm(nn.Module):
         sync = self.axis_name is not None and (not initializing or _is_bound(self.axis_name))
         params = self._collection(
             "params",
-            _core.PARAM_KEYS if self.affine else (),
+            config.param_keys,
             lambda name, shape: self.param(
                 name,
                 self.weight_init if name == "weight" else self.bias_init,
@@ -172,22 +182,25 @@ class BatchNorm(nn.Module):
                 )
                 return variables[name].value
 
-            batch_stats = self._collection("batch_stats", _core.STAT_KEYS, make_stat, features)
+            batch_stats = self._collection("batch_stats", STAT_KEYS, make_stat, features)
         else:
             batch_stats = self._collection("batch_stats", (), None, features)
 
-        y, new_batch_stats = _core.apply(
+        y, moments = _core.normalize(
             params,
             batch_stats,
             x,
             train,
-            momentum=self.momentum,
             eps=self.epsilon,
             axis=self.axis,
             axis_name=self.axis_name if sync else None,
             axis_index_groups=self.axis_index_groups if sync else None,
             mask=mask,
         )
+        new_batch_stats = _core.update_stats(batch_stats, moments, momentum=self.momentum)
+        # The report channel: only for callers that make REPORTS mutable, never in init.
+        if not initializing and self.is_mutable_collection(REPORTS):
+            self.sow(REPORTS, REPORT_NAME, make_report(moments, config))
         # Like Flax (and like constructing a PyTorch module), `init` leaves the
         # statistics at their initial values. Running statistics are buffers:
         # no gradient flows into them, as under PyTorch's `no_grad` update.
@@ -196,33 +209,20 @@ class BatchNorm(nn.Module):
                 var.value = jax.lax.stop_gradient(new_batch_stats[name])
         return y
 
-    def _resolve_train(self, train: Any, use_running_average: Any) -> bool:
-        """`train`, else `not use_running_average` (call, then attribute)."""
-        for name, value in (
-            ("use_running_average", use_running_average),
-            ("self.use_running_average", self.use_running_average),
-        ):
-            if isinstance(value, jax.core.Tracer):
-                raise TypeError(
-                    f"bnjax.linen.BatchNorm: `{name}` must be a Python bool, got a traced "
-                    "value; mark it static under `jit` (e.g. `static_argnames`)."
-                )
-        if train is not None:
-            train = check_train(train)  # bnjax.apply's error for a traced or non-bool train
-            if use_running_average is not None and train == bool(use_running_average):
-                raise ValueError(
-                    "bnjax.linen.BatchNorm: got `train` and `use_running_average` that "
-                    f"disagree ({train!r}, {use_running_average!r}); pass only `train`."
-                )
-            return train
-        if use_running_average is not None:
-            return not use_running_average
-        if self.use_running_average is not None:
-            return not self.use_running_average
-        raise ValueError(
-            "bnjax.linen.BatchNorm: pass `train=True` (batch statistics, update the "
-            "running statistics) or `train=False` (running statistics) to the call, e.g. "
-            "`bnjax.linen.BatchNorm()(x, train=train)`."
+    @property
+    def config(self) -> BatchNormConfig:
+        """This module's settings as a `bnjax.BatchNormConfig` (what its reports carry)."""
+        keys = param_keys(self.affine, self.use_scale, self.use_bias, "bnjax.linen.BatchNorm")
+        return BatchNormConfig(
+            momentum=self.momentum,
+            eps=self.epsilon,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            affine=bool(keys),
+            bias="bias" in keys,
+            track_running_stats=self.track_running_stats,
+            dtype=self.param_dtype,
         )
 
     def _collection(
@@ -249,9 +249,10 @@ class BatchNorm(nn.Module):
                         " These are flax.linen.BatchNorm's names: convert the variables "
                         "with `bnjax.flax_interop.variables_from_flax`."
                     )
-                elif not names:
+                else:
                     hint = (
-                        f" This module has affine={self.affine}, "
+                        f" This module has affine={self.affine}, use_scale={self.use_scale}, "
+                        f"use_bias={self.use_bias}, "
                         f"track_running_stats={self.track_running_stats}."
                     )
                 raise ValueError(

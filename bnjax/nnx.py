@@ -30,12 +30,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnjax import _core
-from bnjax._validate import check_hyperparameters, check_train
+from bnjax._layer import BatchNormConfig, layer_from_config, param_keys, resolve_train
+from bnjax._report import REPORT_NAME, make_report
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "Reports"]
+
+
+class Reports(nnx.Variable):
+    """The variable type a `BatchNorm` sows its `bnjax.BatchNormReport` as.
+
+    Opt-in: reports are recorded only under `nnx.capture(fn, bnjax.nnx.Reports)`,
+    so a model's ordinary state never holds them.
+
+    Example:
+      >>> bn = bnjax.nnx.BatchNorm(3, momentum=0.2)
+      >>> y, reports = nnx.capture(bn, bnjax.nnx.Reports)(jnp.ones((4, 3)))
+      >>> bnjax.collect_reports(reports).config.momentum
+      0.2
+    """
+
 
 _ONES = nnx.initializers.ones
 _ZEROS = nnx.initializers.zeros
@@ -58,6 +74,10 @@ class BatchNorm(nnx.Module):
         cumulative average. `bnjax.momentum_from_flax` converts Flax's.
       epsilon: added to the variance, > 0.
       affine: whether to learn `weight` and `bias` (`nnx.Param`).
+      use_scale: Flax's switch for `weight` (with `affine`).
+      use_bias: Flax's switch for `bias` (with `affine`); `use_bias=False` is
+        PyTorch's `BatchNorm2d(C, bias=False)` (a `weight` alone). A bias without a
+        scale has no PyTorch counterpart and is refused.
       track_running_stats: whether to keep running statistics (`nnx.BatchStat`).
       axis: the feature axis (or a tuple of them): `-1` channels-last, `1` NCHW.
       axis_name: a named axis (`nnx.vmap`, `nnx.pmap`, `shard_map`) to synchronize
@@ -93,6 +113,8 @@ class BatchNorm(nnx.Module):
         momentum: float | None = 0.1,
         epsilon: float = 1e-5,
         affine: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
         track_running_stats: bool = True,
         axis: int | Sequence[int] = -1,
         axis_name: Any = None,
@@ -104,17 +126,23 @@ class BatchNorm(nnx.Module):
         bias_init: Initializer = _ZEROS,
         rngs: nnx.Rngs | None = None,
     ):
-        check_hyperparameters(momentum=momentum, eps=epsilon)
-        params, batch_stats = _core.init(
-            num_features,
-            affine=affine,
+        keys = param_keys(affine, use_scale, use_bias, "bnjax.nnx.BatchNorm")
+        config = BatchNormConfig(
+            momentum=momentum,
+            eps=epsilon,
+            axis=axis,  # type: ignore[arg-type]
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            affine=bool(keys),
+            bias="bias" in keys,
             track_running_stats=track_running_stats,
             dtype=param_dtype,
         )
+        params, batch_stats = layer_from_config(config).init(num_features)
         shape = _core._feature_shape_from_num_features(num_features)
         self.weight: nnx.Param | None = nnx.data(None)
         self.bias: nnx.Param | None = nnx.data(None)
-        if affine:
+        if keys:
             default = weight_init is _ONES and bias_init is _ZEROS
             if rngs is None and not default:
                 raise ValueError(
@@ -122,12 +150,13 @@ class BatchNorm(nnx.Module):
                     "pass `rngs=nnx.Rngs(0)`."
                 )
             if default:
-                weight, bias = params["weight"], params["bias"]
+                self.weight = nnx.Param(params["weight"])
+                if "bias" in keys:
+                    self.bias = nnx.Param(params["bias"])
             else:
-                weight = weight_init(rngs.params(), shape, param_dtype)
-                bias = bias_init(rngs.params(), shape, param_dtype)
-            self.weight = nnx.Param(weight)
-            self.bias = nnx.Param(bias)
+                self.weight = nnx.Param(weight_init(rngs.params(), shape, param_dtype))
+                if "bias" in keys:
+                    self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype))
         self.running_mean: nnx.BatchStat | None = nnx.data(None)
         self.running_var: nnx.BatchStat | None = nnx.data(None)
         self.num_batches_tracked: nnx.BatchStat | None = nnx.data(None)
@@ -140,6 +169,9 @@ class BatchNorm(nnx.Module):
         self.momentum = momentum
         self.epsilon = epsilon
         self.affine = affine
+        self.use_scale = use_scale
+        self.use_bias = use_bias
+        self.config = nnx.static(config)
         self.track_running_stats = track_running_stats
         self.axis = axis
         self.axis_name = axis_name
@@ -177,13 +209,17 @@ class BatchNorm(nnx.Module):
           TypeError: a traced or non-bool mode (it selects a different computation).
           ValueError: every bad input `bnjax.apply` rejects (feature size, shapes).
         """
-        train = self._resolve_train(train, use_running_average)
+        train = resolve_train(
+            "bnjax.nnx.BatchNorm", train, use_running_average, self.use_running_average
+        )
         x = jnp.asarray(x)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         params = {}
         if self.weight is not None:
-            params = {"weight": self.weight[...], "bias": self.bias[...]}
+            params["weight"] = self.weight[...]
+        if self.bias is not None:
+            params["bias"] = self.bias[...]
         stats = {}
         if self.running_mean is not None:
             stats = {
@@ -191,18 +227,21 @@ class BatchNorm(nnx.Module):
                 "running_var": self.running_var[...],
                 "num_batches_tracked": self.num_batches_tracked[...],
             }
-        y, new_stats = _core.apply(
+        y, moments = _core.normalize(
             params,
             stats,
             x,
             train,
-            momentum=self.momentum,
             eps=self.epsilon,
             axis=self.axis,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
         )
+        new_stats = _core.update_stats(stats, moments, momentum=self.momentum)
+        # The report channel: opt-in, only under `nnx.capture(..., Reports)`.
+        if hasattr(self, "__captures__"):
+            self.sow(Reports, REPORT_NAME, make_report(moments, self.config))
         if train and stats:
             # Running statistics are buffers: no gradient flows into them (PyTorch
             # updates them under `no_grad`).
@@ -227,20 +266,3 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
-
-    def _resolve_train(self, train: Any, use_running_average: Any) -> bool:
-        if train is not None:
-            train = check_train(train)
-            if use_running_average is not None and train == bool(use_running_average):
-                raise ValueError(
-                    "bnjax.nnx.BatchNorm: got `train` and `use_running_average` that "
-                    f"disagree ({train!r}, {use_running_average!r}); pass only `train`."
-                )
-            return train
-        mode = self.use_running_average if use_running_average is None else use_running_average
-        if isinstance(mode, jax.core.Tracer) or not isinstance(mode, bool):
-            raise TypeError(
-                "bnjax.nnx.BatchNorm: `use_running_average` must be a Python bool (set it "
-                f"with `model.train()` / `model.eval()`), got {mode!r}."
-            )
-        return not mode

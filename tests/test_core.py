@@ -427,7 +427,7 @@ def _snapshot(tree):
         ("one_value_per_channel_eval_untracked", ValueError, "expected more than 1 value"),
         ("int_x", TypeError, "floating"),
         ("bool_x", TypeError, "floating"),
-        ("params_missing_key", ValueError, "bias"),
+        ("params_bias_only", ValueError, "no 'weight'"),
         ("params_extra_key", ValueError, "scale"),
         ("stats_missing_key", ValueError, "num_batches_tracked"),
         ("stats_extra_key", ValueError, "mean"),
@@ -460,8 +460,8 @@ def test_errors(case, error, word):
         x = jnp.ones((4, 3), jnp.int32)
     elif case == "bool_x":
         x = jnp.ones((4, 3), bool)
-    elif case == "params_missing_key":
-        params = {"weight": params["weight"]}
+    elif case == "params_bias_only":  # {"weight"} alone is PyTorch's bias=False; bias alone is not
+        params = {"bias": params["bias"]}
     elif case == "params_extra_key":
         params = dict(params, scale=params["weight"])
     elif case == "stats_missing_key":
@@ -484,9 +484,7 @@ def test_errors(case, error, word):
             jax.jit(lambda t: bnjax.apply(params, stats, x, t))(True)
         else:
             # Raised while tracing: jit sees the same error, before any computation.
-            jax.jit(
-                lambda p, s, x: bnjax.apply(p, s, x, train, **kwargs)
-            )(params, stats, x)
+            jax.jit(lambda p, s, x: bnjax.apply(p, s, x, train, **kwargs))(params, stats, x)
     chex.assert_trees_all_equal((params, stats), before)
 
 

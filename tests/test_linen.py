@@ -528,3 +528,34 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     _close(dict(new_stats), stats, 0, 0)
     want, _ = _torch_to_flax(f, "grad_step", 0, stats=False)
     _close({k: grads[k] for k in want}, want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- weight only
+
+
+def test_use_bias_false_is_pytorchs_bias_false():
+    """params {"weight"} alone (PyTorch 2.13's BatchNorm2d(C, bias=False)), float64 reference."""
+    from reference import ref_batchnorm
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4, 3)), jnp.float32)
+    bn = bl.BatchNorm(use_bias=False, momentum=0.2)
+    variables = bn.init(jax.random.key(0), x, train=False)
+    assert set(variables["params"]) == {"weight"}
+    variables = {**variables, "params": {"weight": jnp.array([0.5, 1.0, 2.0])}}
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats = jax.tree.map(np.asarray, variables["batch_stats"])
+    y_ref, new_ref = ref_batchnorm(x, [0.5, 1.0, 2.0], None, stats, train=True, momentum=0.2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["running_var"], new_ref["running_var"], rtol=1e-6
+    )
+    assert (
+        set(
+            bl.BatchNorm(use_scale=False, use_bias=False)
+            .init(jax.random.key(0), x, train=False)
+            .get("params", {})
+        )
+        == set()
+    )
+    with pytest.raises(ValueError, match="use_scale=False with use_bias=True"):
+        bl.BatchNorm(use_scale=False).init(jax.random.key(0), x, train=False)

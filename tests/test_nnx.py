@@ -364,3 +364,20 @@ def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     _close(_state_arrays(model, nnx.BatchStat), before, 0, 0)
     want = _torch_arrays(f, "grad_step", 0)
     _close({m: {n: grads[m][n][...] for n in want[m]} for m in want}, want, rtol=1e-4, atol=1e-5)
+
+
+def test_use_bias_false_is_pytorchs_bias_false():
+    """A weight and no bias (PyTorch 2.13's bias=False), against the float64 reference."""
+    from reference import ref_batchnorm
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 3)), jnp.float32)
+    bn = bx.BatchNorm(3, use_bias=False, momentum=0.2)
+    assert bn.bias is None and set(nnx.state(bn, nnx.Param)) == {"weight"}
+    bn.weight[...] = jnp.array([0.5, 1.0, 2.0])
+    y = bn(x)
+    stats0 = {"running_mean": np.zeros(3), "running_var": np.ones(3), "num_batches_tracked": 0}
+    y_ref, new_ref = ref_batchnorm(x, [0.5, 1.0, 2.0], None, stats0, train=True, momentum=0.2)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var[...], new_ref["running_var"], rtol=1e-6)
+    with pytest.raises(ValueError, match="use_scale=False with use_bias=True"):
+        bx.BatchNorm(3, use_scale=False)
