@@ -120,6 +120,7 @@ class _ScanBlock(nn.Module):
 
 class LinenResNet(nn.Module):
     scan: bool = False
+    reports_in_scan: bool = True  # list bnjax.linen.REPORTS in nn.scan's variable_axes
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -128,7 +129,11 @@ class LinenResNet(nn.Module):
         if self.scan:
             blocks = nn.scan(
                 _ScanBlock,
-                variable_axes={"params": 0, "batch_stats": 0},
+                variable_axes={
+                    "params": 0,
+                    "batch_stats": 0,
+                    **({bnjax.linen.REPORTS: 0} if self.reports_in_scan else {}),
+                },
                 split_rngs={"params": True},
                 length=2,
                 in_axes=nn.broadcast,

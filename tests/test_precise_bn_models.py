@@ -1,0 +1,152 @@
+"""`update_bn` and `precise_bn` on a whole ResNet: linen, linen under `nn.scan`, nnx, functional.
+
+Expected numbers: `torch.optim.swa_utils.update_bn` on the same ResNet and batches
+(`tests/fixtures/resnet_deploy.npz`, `scripts/export_resnet_deploy_fixture.py`), and
+for the pooled variant a NumPy float64 reference of the stem BatchNorm's input (the
+stem conv's output, which no BatchNorm precedes) pooled over all batches. No model
+is rebuilt: the layers keep their `momentum=0.1`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from deploy_models import (
+    LinenResNet,
+    fixture,
+    functional_resnet,
+    linen_variables,
+    nnx_resnet,
+    scan_to_unrolled,
+    torch_to_trees,
+    x_nhwc,
+)
+from flax import nnx
+
+from bnjax import deploy
+
+ARRAYS = fixture()
+BATCHES = [x_nhwc(ARRAYS, f"batch_{i}") for i in range(3)]
+TORCH_AFTER = torch_to_trees(ARRAYS, "after/")[1]
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def _stem_pooled_float64():
+    """Mean and unbiased var of the stem conv's output over all batches, in float64."""
+    k = ARRAYS["state/conv1.weight"].astype(np.float64).transpose(2, 3, 1, 0)  # HWIO
+    outs = []
+    for b in BATCHES:
+        x = np.pad(np.asarray(b, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h, w = b.shape[1:3]
+        outs.append(sum(x[:, i : i + h, j : j + w] @ k[i, j] for i in range(3) for j in range(3)))
+    z = np.concatenate(outs).reshape(-1, k.shape[-1])
+    return z.mean(0), z.var(0, ddof=1)
+
+
+def _run(kind, tool, **kw):
+    """Runs `tool` on the ResNet of `kind`; returns the new statistics, unrolled names."""
+    if kind in ("linen", "linen-scan"):
+        scan = kind == "linen-scan"
+        variables = linen_variables(ARRAYS, scan=scan)
+        before = jax.tree.map(np.array, variables)
+        new = tool(LinenResNet(scan=scan), variables, BATCHES, progress=False, **kw)
+        jax.tree.map(np.testing.assert_array_equal, variables, before)  # not modified
+        assert set(new) == {"params", "batch_stats"} and new["params"] is variables["params"]
+        return scan_to_unrolled(new["batch_stats"]) if scan else new["batch_stats"]
+    if kind == "nnx":
+        model = nnx_resnet(ARRAYS)
+        assert tool(model, BATCHES, progress=False, **kw) is model  # updated in place
+        assert model.bn1.training  # its mode is its own
+        blocks = {"layer1_0": model.layer1[0], "layer1_1": model.layer1[1]}
+        blocks["layer2_0"] = model.layer2[0]
+        stats = {}
+        for name, module in (("bn1", model.bn1),) + tuple(
+            (f"{b}/{n}", getattr(m, n))
+            for b, m in blocks.items()
+            for n in ("bn1", "bn2", "down_bn")
+        ):
+            if module is None:
+                continue
+            node = stats
+            *path, leaf = name.split("/")
+            for p in path:
+                node = node.setdefault(p, {})
+            node[leaf] = {k: getattr(module, k)[...] for k in TORCH_AFTER["bn1"]}
+        return stats
+    params, stats = torch_to_trees(ARRAYS)
+
+    def apply_fn(params, batch_stats, x, bn):
+        return functional_resnet(params, batch_stats, x, bn, train=True)[1]
+
+    if tool is deploy.update_bn:  # the functional update_bn is PyTorch's loop: momentum=None
+        import functools
+
+        import bnjax
+
+        cumulative = functools.partial(bnjax.apply, momentum=None)
+        return tool(
+            lambda p, s, x: apply_fn(p, s, x, cumulative), params, stats, BATCHES, progress=False
+        )
+    return tool(apply_fn, params, stats, BATCHES, progress=False, **kw)
+
+
+KINDS = ["linen", "linen-scan", "nnx", "functional"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tool", ["update_bn", "precise_bn(pooled=False)"])
+def test_whole_model_matches_torch_update_bn(kind, tool):
+    if tool == "update_bn":
+        new = _run(kind, deploy.update_bn)
+    else:
+        new = _run(kind, deploy.precise_bn, pooled=False)
+    leaves = jax.tree_util.tree_leaves_with_path(TORCH_AFTER)
+    assert len(leaves) == 8 * 3
+    for path, expected in leaves:
+        got = new
+        for k in path:
+            got = got[k.key]
+        if path[-1].key == "num_batches_tracked":
+            assert int(got) == int(expected) == 3
+        else:
+            np.testing.assert_allclose(got, expected, **TOL, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_model_pooled_matches_float64(kind):
+    new = _run(kind, deploy.precise_bn, pooled=True)
+    mean, var = _stem_pooled_float64()
+    np.testing.assert_allclose(new["bn1"]["running_mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["bn1"]["running_var"], var, rtol=1e-5, atol=1e-6)
+    # Pooled is not PyTorch's equal weight here (batch sizes 5, 5, 3, shifted means).
+    assert not np.allclose(new["bn1"]["running_var"], TORCH_AFTER["bn1"]["running_var"], rtol=1e-3)
+
+
+def test_scan_without_reports_in_variable_axes_is_an_error_not_a_skip():
+    variables = linen_variables(ARRAYS, scan=True)
+    model = LinenResNet(scan=True, reports_in_scan=False)
+    with pytest.raises(ValueError, match="layer1/block/bn1.*bnjax.linen.REPORTS: 0"):
+        deploy.precise_bn(model, variables, BATCHES, progress=False)
+
+
+def test_eval_mode_forward_is_an_error():
+    variables = linen_variables(ARRAYS, scan=False)
+    with pytest.raises(ValueError, match="ran in eval mode.*pass train=True"):
+        deploy.update_bn(LinenResNet(), variables, BATCHES, train=False, progress=False)
+
+
+def test_inputs_maps_a_batch_to_the_models_arguments():
+    variables = linen_variables(ARRAYS, scan=False)
+    labelled = [{"image": x, "label": jnp.zeros(len(x))} for x in BATCHES]
+    new = deploy.update_bn(
+        LinenResNet(), variables, labelled, inputs=lambda b: (b["image"],), progress=False
+    )
+    np.testing.assert_allclose(
+        new["batch_stats"]["bn1"]["running_var"], TORCH_AFTER["bn1"]["running_var"], **TOL
+    )
+    model = nnx_resnet(ARRAYS)
+    deploy.precise_bn(model, labelled, inputs=lambda b: (b["image"],), pooled=False, progress=False)
+    np.testing.assert_allclose(model.bn1.running_var[...], TORCH_AFTER["bn1"]["running_var"], **TOL)
+    assert isinstance(model, nnx.Module)
