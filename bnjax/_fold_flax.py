@@ -22,7 +22,6 @@ from bnjax._fold_model import (
     FoldedLinen,
     FoldPair,
     KeyPath,
-    _bn_train,
     _Call,
     _check_same,
     _folded_layer,
@@ -31,6 +30,8 @@ from bnjax._fold_model import (
     _node,
     _remove,
 )
+from bnjax._layer import resolve_train
+from bnjax._whole_model import linen_reports, nnx_reports, report_leaves
 
 # --- linen.
 
@@ -47,26 +48,26 @@ def fold_linen(module, variables, args, kwargs, pairs, check, rtol) -> FoldedLin
             x = a[0] if a else next(iter(kw.values()), None)
             if isinstance(mod, (nn.Conv, nn.Dense)):
                 ndim = np.ndim(meta.unbox(mod.get_variable("params", "kernel")))
-                layers.append(_Call(mod.path, mod, x, out, None, ndim))
+                layers.append(_Call(mod.path, mod, x, out, ndim))
             elif isinstance(mod, bnlinen.BatchNorm):
-                bns.append(_Call(mod.path, mod, x, out, _bn_train(mod, a, kw), 0))
+                bns.append(_Call(mod.path, mod, x, out, 0))
         return out
 
     def run(v):
         with nn.intercept_methods(watch):
-            module.apply(v, *args, **kwargs)
+            return linen_reports(module, v, args, kwargs)[1]
 
-    jax.eval_shape(run, variables)
-    matched = _match(layers, bns, pairs, who)
+    reports = report_leaves(jax.eval_shape(run, variables))
+    matched = _match(layers, bns, reports, pairs, who)
 
     new = _copy_dicts(meta.unbox(variables))
     params, stats = new.get("params", {}), new.get("batch_stats", {})
     done: list[FoldPair] = []
     add_bias: set[KeyPath] = set()
-    for layer, bn in matched:
+    for layer, bn, report in matched:
         if any(p.bn == bn.path for p in done):
             continue
-        eps = float(bn.module.epsilon)
+        eps = report.config.eps
         lp = _node(params, layer.path)
         lead = np.ndim(lp["kernel"]) - layer.kernel_ndim
         bn_params = _node(params, bn.path, {})
@@ -85,7 +86,10 @@ def fold_linen(module, variables, args, kwargs, pairs, check, rtol) -> FoldedLin
         mod = ctx.module
         if ctx.method_name == "__call__" and mod.path in folded_bns:
             if isinstance(mod, bnlinen.BatchNorm):
-                if _bn_train(mod, a, kw):
+                train = a[1] if len(a) > 1 else kw.get("train")
+                if resolve_train(
+                    who, train, kw.get("use_running_average"), mod.use_running_average
+                ):
                     raise ValueError(
                         f"{who}: the BatchNorm at {_name(mod.path)} is folded; a folded "
                         "model runs in eval mode only (train=False)."
@@ -119,6 +123,13 @@ def fold_nnx(model, args, kwargs, pairs, check, rtol):
     layers: list[_Call] = []
     bns: list[_Call] = []
 
+    def run_reports(state):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return nnx_reports(m, args, kwargs)[1]
+
+    reports = report_leaves(jax.eval_shape(run_reports, state))
+
     def run(state):
         m = nnx.merge(graphdef, state)
         m.eval()
@@ -132,15 +143,15 @@ def fold_nnx(model, args, kwargs, pairs, check, rtol):
         m(*args, **kwargs)
 
     jax.eval_shape(run, state)
-    matched = _match(layers, bns, pairs, who)
+    matched = _match(layers, bns, reports, pairs, who)
 
     folded = nnx.clone(model)  # an independent copy: `model` is not changed
     done: list[FoldPair] = []
-    for layer, bn in matched:
+    for layer, bn, report in matched:
         if any(p.bn == bn.path for p in done):
             continue
         lay, b = _get_child(folded, layer.path), _get_child(folded, bn.path)
-        eps = float(b.epsilon)
+        eps = report.config.eps
         bn_params = {} if b.weight is None else {"weight": b.weight[...], "bias": b.bias[...]}
         bn_stats = {
             "running_mean": b.running_mean[...],
@@ -193,10 +204,8 @@ class _Probe(nnx.Module):
     def __call__(self, *a: Any, **kw: Any) -> Any:
         y = self.inner(*a, **kw)
         x = a[0] if a else next(iter(kw.values()), None)
-        if isinstance(self.inner, bnnnx.BatchNorm):
-            self.record(_Call(self.path, self.inner, x, y, _bn_train(self.inner, a, kw), 0))
-        else:
-            self.record(_Call(self.path, self.inner, x, y, None, np.ndim(self.inner.kernel[...])))
+        ndim = 0 if isinstance(self.inner, bnnnx.BatchNorm) else np.ndim(self.inner.kernel[...])
+        self.record(_Call(self.path, self.inner, x, y, ndim))
         return y
 
 

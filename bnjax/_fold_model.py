@@ -21,7 +21,6 @@ What comes back runs without writing a second model:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,7 +30,9 @@ import numpy as np
 
 from bnjax import _core
 from bnjax._fold import Path, _as_path, bn_scale_shift, fold_into_kernel
+from bnjax._report import BatchNormReport
 from bnjax._validate import normalize_axes
+from bnjax._whole_model import model_kind
 
 KeyPath = tuple[Any, ...]
 
@@ -131,7 +132,7 @@ def fold(
       >>> folded.apply(folded.variables, x, train=False).shape
       (2, 5, 5, 4)
     """
-    kind = _model_kind(model)
+    kind = model_kind(model, "bnjax.deploy.fold")
     if kind == "linen":
         if not args:
             raise ValueError(
@@ -153,58 +154,61 @@ def fold(
     return _fold_functional(model, args[0], args[1], args[2:], kwargs, pairs, check, rtol)
 
 
-def _model_kind(model: Any) -> str:
-    """'linen', 'nnx' or 'functional', without importing flax when it is not loaded."""
-    linen = sys.modules.get("flax.linen")
-    if linen is not None and isinstance(model, linen.Module):
-        return "linen"
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(model, nnx.Module):
-        return "nnx"
-    if not callable(model):
-        raise TypeError(
-            "bnjax.deploy: `model` must be a flax.linen.Module, a flax.nnx.Module or a "
-            f"function, got {type(model).__name__}."
-        )
-    return "functional"
-
-
 # --- what one watched call saw.
 
 
 class _Call(NamedTuple):
+    """One watched call of a layer or BatchNorm in the abstract sample run."""
+
     path: KeyPath
     module: Any
     x: Any  # the traced input
     y: Any  # the traced output
-    train: bool | None  # BatchNorms: the mode they ran in
     kernel_ndim: int  # layers: the kernel's rank as the call saw it (unstacked)
 
 
 def _match(
-    layers: list[_Call], bns: list[_Call], pairs: Any, who: str
-) -> list[tuple[_Call, _Call]]:
-    """Pairs each BatchNorm call with the layer call whose output it normalizes."""
+    layers: list[_Call],
+    bns: list[_Call],
+    reports: Mapping[KeyPath, BatchNormReport],
+    pairs: Any,
+    who: str,
+) -> list[tuple[_Call, _Call, BatchNormReport]]:
+    """Pairs each BatchNorm call with the layer call whose output it normalizes.
+
+    Everything about the BatchNorm (its eps, axis, mode, running statistics) is read
+    from its `BatchNormReport`; the watched calls only say which array feeds which.
+    """
+    by_path = {_key(p): r for p, r in reports.items()}
     by_bn: dict[KeyPath, list[tuple[_Call, _Call | None]]] = {}
     for b in bns:
         src = next((lc for lc in layers if lc.y is b.x), None)
         by_bn.setdefault(b.path, []).append((b, src))
-    found: dict[KeyPath, tuple[_Call, _Call] | str] = {}
+    found: dict[KeyPath, tuple[_Call, _Call, BatchNormReport] | str] = {}
     for path, calls in by_bn.items():
         b, src = calls[0]
         srcs = {None if s is None else s.path for _, s in calls}
-        if src is None or len(srcs) != 1:
+        report = by_path.get(_key(path))
+        shape = np.shape(b.x)
+        if report is None:
+            found[path] = (
+                "it reported nothing (under nn.scan / nn.vmap, list bnjax.linen.REPORTS "
+                "in variable_axes)"
+            )
+        elif src is None or len(srcs) != 1:
             found[path] = "its input is not exactly the output of a Conv or Dense"
-        elif any(c.train for c, _ in calls):
+        elif report.trained:
             found[path] = "it ran in training mode (pass the eval-mode arguments, e.g. train=False)"
-        elif not b.module.track_running_stats:
+        elif not report.config.track_running_stats:
             found[path] = "it has no running statistics (track_running_stats=False)"
-        elif normalize_axes(b.module.axis, np.shape(b.x)) != (len(np.shape(b.x)) - 1,):
-            found[path] = f"it normalizes axis {b.module.axis}, not the layer's output channels"
+        elif normalize_axes(report.config.axis, shape) != (len(shape) - 1,):
+            found[path] = (
+                f"it normalizes axis {report.config.axis}, not the layer's output channels"
+            )
         elif sum(lc.path == src.path for lc in layers) != len(calls):
             found[path] = f"the layer {_name(src.path)} is also called elsewhere"
         else:
-            found[path] = (src, b)
+            found[path] = (src, b, report)
     if pairs is None:
         foldable = [v for v in found.values() if not isinstance(v, str)]
         if not foldable:
@@ -236,22 +240,17 @@ def _match(
     return out
 
 
-def _same_path(a: KeyPath, b: KeyPath) -> bool:
+def _key(path: KeyPath) -> tuple[str, ...]:
     """Paths compare as strings: `"blocks/0/bn"` names an nnx list's `("blocks", 0, "bn")`."""
-    return tuple(map(str, a)) == tuple(map(str, b))
+    return tuple(map(str, path))
+
+
+def _same_path(a: KeyPath, b: KeyPath) -> bool:
+    return _key(a) == _key(b)
 
 
 def _name(path: KeyPath) -> str:
     return "/".join(str(p) for p in path) or "<root>"
-
-
-def _bn_train(module: Any, a: tuple[Any, ...], kw: Mapping[str, Any]) -> bool | None:
-    """The mode a bnjax BatchNorm call ran in, from its arguments and attributes."""
-    train = a[1] if len(a) > 1 else kw.get("train")
-    if train is None:
-        ura = kw.get("use_running_average", module.use_running_average)
-        train = None if ura is None else not ura
-    return train
 
 
 def _folded_layer(kernel: Any, bias: Any, bn_params: Any, bn_stats: Any, eps: float, lead: int):
@@ -306,19 +305,6 @@ def _remove(tree: dict[str, Any], path: KeyPath) -> None:
 # --- functional.
 
 
-@jax.tree_util.register_static
-class _SeenBatchNorm(NamedTuple):
-    """What the watching `bn` saw of one BatchNorm call (static: no arrays)."""
-
-    eps: float
-    train: bool
-
-
-def _watching_bn(params, batch_stats, x, train, **config):
-    y, _ = _core.apply(params, batch_stats, x, train, **config)
-    return y, _SeenBatchNorm(float(config.get("eps", 1e-5)), bool(train))
-
-
 def _folded_bn(params, batch_stats, x, train, **config):
     if isinstance(batch_stats, FoldedBatchNorm):
         if train:
@@ -339,8 +325,10 @@ def _fold_functional(apply_fn, params, batch_stats, args, kwargs, pairs, check, 
             f"{who}: a functional model's layers cannot be watched, so list what to fold: "
             "pairs=[(layer_path, bn_path), ...]."
         )
+    from bnjax._precise_bn import _reporting_bn
+
     seen = jax.eval_shape(
-        lambda p, s: apply_fn(p, s, *args, bn=_watching_bn, **kwargs), params, batch_stats
+        lambda p, s: apply_fn(p, s, *args, bn=_reporting_bn, **kwargs), params, batch_stats
     )
     if not (isinstance(seen, tuple) and len(seen) == 2):
         raise ValueError(
@@ -353,18 +341,18 @@ def _fold_functional(apply_fn, params, batch_stats, args, kwargs, pairs, check, 
             raise ValueError(f"{who}: pairs[{i}] must be (layer_path, bn_path), got {pair!r}.")
         layer_path, bn_path = (_as_path(p) for p in pair)
         got = _node(seen[1], bn_path, "missing")
-        if not isinstance(got, _SeenBatchNorm):
+        if not isinstance(got, BatchNormReport):
             raise ValueError(
                 f"{who}: pairs[{i}]: apply_fn's new_batch_stats has no BatchNorm entry at "
                 f"{_name(bn_path)}; call the `bn` it is given for every BatchNorm and return "
                 "what `bn` returns as that BatchNorm's entry, at its place in batch_stats."
             )
-        if got.train:
+        if got.trained:
             raise ValueError(
                 f"{who}: the BatchNorm at {_name(bn_path)} ran with train=True; fold runs "
                 "the eval-mode forward (train=False)."
             )
-        done.append(FoldPair(layer_path, bn_path, got.eps))
+        done.append(FoldPair(layer_path, bn_path, got.config.eps))
     new_params, new_stats = fold_batchnorms(
         params, batch_stats, [(p.layer, p.bn, p.eps) for p in done]
     )
