@@ -32,9 +32,8 @@ from bnjax import _core
 from bnjax._fold import Path, _as_path, bn_scale_shift, fold_into_kernel
 from bnjax._report import BatchNormReport
 from bnjax._validate import normalize_axes
-from bnjax._whole_model import model_kind
-
-KeyPath = tuple[Any, ...]
+from bnjax._whole_model import KeyPath, model_kind
+from bnjax._whole_model import name as _name
 
 
 class FoldPair(NamedTuple):
@@ -247,10 +246,6 @@ def _key(path: KeyPath) -> tuple[str, ...]:
 
 def _same_path(a: KeyPath, b: KeyPath) -> bool:
     return _key(a) == _key(b)
-
-
-def _name(path: KeyPath) -> str:
-    return "/".join(str(p) for p in path) or "<root>"
 
 
 def _folded_layer(kernel: Any, bias: Any, bn_params: Any, bn_stats: Any, eps: float, lead: int):
