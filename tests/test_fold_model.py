@@ -243,3 +243,69 @@ def test_resnet_fixture_exporter_reproduces_the_fixture(tmp_path):
         assert sorted(new.files) == sorted(ARRAYS)
         for k in new.files:
             np.testing.assert_array_equal(new[k], ARRAYS[k], err_msg=k)
+
+
+# --- Dense -> BatchNorm, and misuse of the functional route.
+
+
+class _Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        h = nn.Dense(6, use_bias=False, precision=jax.lax.Precision.HIGHEST)(x)
+        return bnjax.linen.BatchNorm(epsilon=0.5)(h, train=train)
+
+
+class _NnxMlp(nnx.Module):
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.dense = nnx.Linear(
+            4, 6, use_bias=False, precision=jax.lax.Precision.HIGHEST, rngs=rngs
+        )
+        self.bn = bnjax.nnx.BatchNorm(6, epsilon=0.5)
+
+    def __call__(self, x):
+        return self.bn(self.dense(x))
+
+
+def _mlp_reference(kernel, bn_params, bn_stats, x):
+    """Dense then eval BatchNorm with eps=0.5, in float64 NumPy."""
+    z = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    p = {k: np.asarray(v, np.float64) for k, v in {**bn_params, **bn_stats}.items()}
+    return (z - p["running_mean"]) / np.sqrt(p["running_var"] + 0.5) * p["weight"] + p["bias"]
+
+
+def test_dense_then_batchnorm_folds_in_linen_and_nnx():
+    x = jax.random.normal(jax.random.key(2), (5, 4))
+    variables = _trained(_Mlp(), x)
+    folded = deploy.fold(_Mlp(), variables, x, train=False)
+    assert [(p.layer, p.bn, p.eps) for p in folded.pairs] == [(("Dense_0",), ("BatchNorm_0",), 0.5)]
+    p, s = variables["params"], variables["batch_stats"]
+    expected = _mlp_reference(p["Dense_0"]["kernel"], p["BatchNorm_0"], s["BatchNorm_0"], x)
+    np.testing.assert_allclose(folded.apply(folded.variables, x, train=False), expected, **TOL)
+
+    model = _NnxMlp()
+    model(x + 1.0)  # one training step moves the running statistics
+    folded_nnx = deploy.fold(model, x)
+    bn = model.bn
+    bn_params = {"weight": bn.weight[...], "bias": bn.bias[...]}
+    bn_stats = {"running_mean": bn.running_mean[...], "running_var": bn.running_var[...]}
+    expected = _mlp_reference(model.dense.kernel[...], bn_params, bn_stats, x)
+    np.testing.assert_allclose(folded_nnx(x), expected, **TOL)
+
+
+def test_functional_fold_errors_name_the_fix():
+    params, stats = torch_to_trees(ARRAYS)
+    x = x_nhwc(ARRAYS)
+
+    def training(params, batch_stats, x, bn):
+        return functional_resnet(params, batch_stats, x, bn, train=True)
+
+    with pytest.raises(ValueError, match="bn1 ran with train=True; fold runs the eval-mode"):
+        deploy.fold(training, params, stats, x, pairs=[("conv1", "bn1")])
+
+    def bypasses_bn(params, batch_stats, x, bn):
+        del bn
+        return functional_resnet(params, batch_stats, x)
+
+    with pytest.raises(ValueError, match="no BatchNorm entry at bn1; call the `bn` it is given"):
+        deploy.fold(bypasses_bn, params, stats, x, pairs=[("conv1", "bn1")])
