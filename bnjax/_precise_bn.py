@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _core, _whole_model
+from bnjax import _whole_model
 from bnjax._conventions import to_plain_dict
-from bnjax._layer import BatchNormConfig
-from bnjax._report import BatchNormReport, make_report
+from bnjax._layer import BatchNormConfig, layer_from_config
+from bnjax._report import BatchNormReport
 from bnjax._whole_model import KeyPath, is_stats, name, report_leaves, stats_leaves
 
 BatchStatsTree = Any
@@ -349,29 +349,21 @@ def _reporting_bn(
     mask: Any = None,
 ) -> tuple[jax.Array, Any]:
     """`bnjax.apply` that returns its call's `BatchNormReport` in place of new statistics."""
-    y, moments = _core.normalize(
-        params,
-        batch_stats,
-        x,
-        train,
-        eps=eps,
-        axis=axis,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
+    layer = layer_from_config(
+        BatchNormConfig(
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            affine="weight" in params,
+            bias="bias" in params,
+        )
     )
+    y, moments = layer.normalize(params, batch_stats, x, train, mask=mask)
     if not batch_stats:  # track_running_stats=False: nothing to recompute
         return y, batch_stats
-    config = BatchNormConfig(
-        momentum=momentum,
-        eps=eps,
-        axis=axis,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        affine="weight" in params,
-        bias="bias" in params,
-    )
-    return y, make_report(moments if train else None, config)
+    return y, layer.report(moments if train else None)
 
 
 class _Accumulator:

@@ -24,10 +24,9 @@ Determinism: fixed seed, one thread, scalar ATen kernels, oneDNN off.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
+import export_precise_bn_fixture
 import numpy as np
 from export_torch_fixtures import _ENV
 from export_torch_fixtures import _state_dict as _state
@@ -36,7 +35,6 @@ from export_torch_fixtures import _state_dict as _state
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.optim.swa_utils import update_bn
 
 COMMAND = "python scripts/export_resnet_deploy_fixture.py --out tests/fixtures/resnet_deploy.npz"
 SEED = 0
@@ -115,11 +113,7 @@ def build() -> dict[str, np.ndarray]:
         fused = fuse_conv_bn_eval(conv, bn)
         out[f"fused/{name}/weight"] = fused.weight.detach().numpy().copy()
         out[f"fused/{name}/bias"] = fused.bias.detach().numpy().copy()
-    batches = [torch.randn(n, *IMAGE) + 0.5 * i for i, n in enumerate(BATCH_SIZES)]
-    out.update({f"batch_{i}": b.numpy().copy() for i, b in enumerate(batches)})
-    model.train()
-    update_bn(batches, model)
-    out.update({f"after/{k}": v for k, v in _state(model).items()})
+    export_precise_bn_fixture.record_update_bn(model, BATCH_SIZES, IMAGE, out)
     meta = {
         "torch_version": torch.__version__,
         "command": COMMAND,
@@ -146,15 +140,5 @@ def build() -> dict[str, np.ndarray]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
-    args = parser.parse_args()
-    arrays = build()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({len(arrays)} arrays, torch {torch.__version__})")
-
-
 if __name__ == "__main__":
-    main()
+    export_precise_bn_fixture.main(build, __doc__, compressed=True)
