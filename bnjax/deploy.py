@@ -1,10 +1,15 @@
-"""Deployment and maintenance of BatchNorm: folding, precise BN, checks, checkpoints.
+"""Deployment and maintenance of BatchNorm: precise BN, folding, checks, checkpoints.
 
-- Folding: `fold` folds every BatchNorm of a linen, nnx or functional model into the
-  Conv or Dense that feeds it (pairs found, each BatchNorm's own eps, checked);
-  `bn_scale_shift`, `fold_into_kernel`, `fold_batchnorms` are the tree-level steps.
+Each tool takes the model as it is: a `flax.linen` module and its variables, a
+`flax.nnx` module, or a functional `apply_fn`; per-layer facts (batch moments, each
+BatchNorm's own `eps`) come through `bnjax.BatchNormReport`.
+
 - Precise BN: `update_bn` (PyTorch's `torch.optim.swa_utils.update_bn`, equal weight
   per batch) and `precise_bn` (exact statistics pooled over all elements).
+- Folding: `fold` folds every BatchNorm of a model into the Conv or Dense that feeds
+  it (pairs found, each BatchNorm's own eps, result checked) and returns something to
+  run in eval mode; `bn_scale_shift`, `fold_into_kernel`, `fold_batchnorms` are the
+  tree-level steps.
 - The eval trap: `check_batch_independence` checks that eval-mode outputs of each
   example do not depend on its batch-mates or the batch size.
 - Checkpoints: `save_checkpoint` / `restore_checkpoint` store a training state
