@@ -21,6 +21,7 @@ What comes back runs without writing a second model:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -210,12 +211,14 @@ def _match(
             found[path] = (src, b, report)
     if pairs is None:
         foldable = [v for v in found.values() if not isinstance(v, str)]
+        why = "; ".join(f"{_name(k)}: {v}" for k, v in found.items() if isinstance(v, str))
         if not foldable:
-            why = "; ".join(f"{_name(k)}: {v}" for k, v in found.items())
             raise ValueError(
                 f"{who}: found no Conv/Dense -> BatchNorm pair to fold in the sample call "
                 f"({why or 'no bnjax BatchNorm ran'})."
             )
+        if why:  # the model stays right (these BatchNorms still run), but say so
+            warnings.warn(f"{who}: left these BatchNorms unfolded: {why}.", stacklevel=4)
         return foldable
     out = []
     for i, pair in enumerate(pairs):

@@ -309,3 +309,16 @@ def test_functional_fold_errors_name_the_fix():
 
     with pytest.raises(ValueError, match="no BatchNorm entry at bn1; call the `bn` it is given"):
         deploy.fold(bypasses_bn, params, stats, x, pairs=[("conv1", "bn1")])
+
+
+def test_batchnorms_left_unfolded_are_named_in_a_warning():
+    """A scanned model whose nn.scan drops the reports folds the rest, and says which not."""
+    variables = linen_variables(ARRAYS, scan=True)
+    x = x_nhwc(ARRAYS)
+    model = LinenResNet(scan=True, reports_in_scan=False)
+    with pytest.warns(UserWarning, match="layer1/block/bn1: it reported nothing.*REPORTS"):
+        folded = deploy.fold(model, variables, x, train=False)
+    assert len(folded.pairs) == 4  # stem and layer2_0; layer1's BatchNorms still run
+    np.testing.assert_allclose(
+        folded.apply(folded.variables, x, train=False), ARRAYS["eval_out"], **TOL
+    )
