@@ -25,6 +25,7 @@ from deploy_models import (
 )
 from flax import nnx
 
+import bnjax.nnx
 from bnjax import deploy
 
 ARRAYS = fixture()
@@ -147,3 +148,61 @@ def test_inputs_maps_a_batch_to_the_models_arguments():
     deploy.precise_bn(model, labelled, inputs=lambda b: (b["image"],), pooled=False, progress=False)
     np.testing.assert_allclose(model.bn1.running_var[...], TORCH_AFTER["bn1"]["running_var"], **TOL)
     assert isinstance(model, nnx.Module)
+
+
+# --- an nnx model whose layers are stacked (nnx.vmap) and run with nnx.scan.
+
+
+class _Layer(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 3, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+        self.bn = bnjax.nnx.BatchNorm(3)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.lin(x)))
+
+
+class _Stack(nnx.Module):
+    def __init__(self):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(rngs):
+            return _Layer(rngs)
+
+        self.layers = make(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x)
+
+        return body(x, self.layers)
+
+
+def test_nnx_scan_over_stacked_layers_pools_each_layer():
+    model = _Stack()
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.normal(size=(n, 3)) + i, jnp.float32) for i, n in enumerate((6, 4))]
+    w = np.asarray(model.layers.lin.kernel[...], np.float64)
+    b = np.asarray(model.layers.lin.bias[...], np.float64)
+    gamma = np.asarray(model.layers.bn.weight[...], np.float64)
+    beta = np.asarray(model.layers.bn.bias[...], np.float64)
+    inputs = [[], []]  # each layer's BatchNorm input, per batch, by a float64 forward
+    for x in batches:
+        h = np.asarray(x, np.float64)
+        for i in range(2):
+            z = h @ w[i] + b[i]
+            inputs[i].append(z)
+            h = np.maximum((z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5) * gamma[i] + beta[i], 0)
+
+    deploy.precise_bn(model, batches, progress=False)
+
+    for i in range(2):
+        z = np.concatenate(inputs[i])
+        np.testing.assert_allclose(
+            model.layers.bn.running_mean[...][i], z.mean(0), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            model.layers.bn.running_var[...][i], z.var(0, ddof=1), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_array_equal(model.layers.bn.num_batches_tracked[...], [2, 2])
