@@ -159,7 +159,8 @@ def fold_nnx(model, args, kwargs, pairs, check, rtol):
             "num_batches_tracked": b.num_batches_tracked[...],
         }
         bias = None if lay.bias is None else lay.bias[...]
-        kernel, bias = _folded_layer(lay.kernel[...], bias, bn_params, bn_stats, eps, 0)
+        lead = np.ndim(lay.kernel[...]) - layer.kernel_ndim  # stacked layers (nnx.vmap)
+        kernel, bias = _folded_layer(lay.kernel[...], bias, bn_params, bn_stats, eps, lead)
         lay.kernel[...] = kernel
         if lay.bias is None:
             lay.bias = nnx.Param(bias)

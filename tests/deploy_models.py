@@ -212,6 +212,34 @@ def nnx_resnet(arrays, prefix: str = "state/") -> NnxResNet:
     return model
 
 
+class _StackLayer(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 3, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+        self.bn = bnjax.nnx.BatchNorm(3)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.lin(x)))
+
+
+class NnxStack(nnx.Module):
+    """Two Linear -> BatchNorm -> relu layers stacked by `nnx.vmap`, run by `nnx.scan`."""
+
+    def __init__(self):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(rngs):
+            return _StackLayer(rngs)
+
+        self.layers = make(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x)
+
+        return body(x, self.layers)
+
+
 # --- functional.
 
 

@@ -223,7 +223,11 @@ def test_fold_pytorch_layout_tree_from_a_state_dict():
         )
 
     fp, fs = fold_batchnorms(
-        params, stats, [("conv1", "bn1"), ("conv2", "bn2")], eps=1e-5, layout="OIHW",
+        params,
+        stats,
+        [("conv1", "bn1"), ("conv2", "bn2")],
+        eps=1e-5,
+        layout="OIHW",
         kernel_key="weight",
     )
     assert fs == {} and set(fp) == {"conv1", "conv2", "fc"}

@@ -22,6 +22,7 @@ import pytest
 from deploy_models import (
     PAIRS,
     LinenResNet,
+    NnxStack,
     fixture,
     functional_resnet,
     linen_variables,
@@ -322,3 +323,19 @@ def test_batchnorms_left_unfolded_are_named_in_a_warning():
     np.testing.assert_allclose(
         folded.apply(folded.variables, x, train=False), ARRAYS["eval_out"], **TOL
     )
+
+
+def test_nnx_scan_over_stacked_layers_folds_slice_by_slice():
+    model = NnxStack()
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    model(x + 1.0)  # a training step: running statistics that are not the defaults
+    folded = deploy.fold(model, x)
+    assert folded.layers.lin.kernel[...].shape == (2, 3, 3) and folded.layers.lin.use_bias
+    lin, bn = model.layers.lin, model.layers.bn
+    arr = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    h = np.asarray(x, np.float64)
+    for i in range(2):  # the eval-mode forward in float64
+        z = h @ arr(lin.kernel)[i] + arr(lin.bias)[i]
+        z = (z - arr(bn.running_mean)[i]) / np.sqrt(arr(bn.running_var)[i] + 1e-5)
+        h = np.maximum(z * arr(bn.weight)[i] + arr(bn.bias)[i], 0)
+    np.testing.assert_allclose(folded(x), h, **TOL)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from deploy_models import (
     LinenResNet,
+    NnxStack,
     fixture,
     functional_resnet,
     linen_variables,
@@ -25,7 +26,6 @@ from deploy_models import (
 )
 from flax import nnx
 
-import bnjax.nnx
 from bnjax import deploy
 
 ARRAYS = fixture()
@@ -153,34 +153,8 @@ def test_inputs_maps_a_batch_to_the_models_arguments():
 # --- an nnx model whose layers are stacked (nnx.vmap) and run with nnx.scan.
 
 
-class _Layer(nnx.Module):
-    def __init__(self, rngs):
-        self.lin = nnx.Linear(3, 3, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
-        self.bn = bnjax.nnx.BatchNorm(3)
-
-    def __call__(self, x):
-        return nnx.relu(self.bn(self.lin(x)))
-
-
-class _Stack(nnx.Module):
-    def __init__(self):
-        @nnx.split_rngs(splits=2)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make(rngs):
-            return _Layer(rngs)
-
-        self.layers = make(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, layer):
-            return layer(x)
-
-        return body(x, self.layers)
-
-
 def test_nnx_scan_over_stacked_layers_pools_each_layer():
-    model = _Stack()
+    model = NnxStack()
     rng = np.random.default_rng(0)
     batches = [jnp.asarray(rng.normal(size=(n, 3)) + i, jnp.float32) for i, n in enumerate((6, 4))]
     w = np.asarray(model.layers.lin.kernel[...], np.float64)
