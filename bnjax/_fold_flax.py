@@ -37,6 +37,7 @@ from bnjax._whole_model import linen_reports, nnx_reports, report_leaves
 
 
 def fold_linen(module, variables, args, kwargs, pairs, check, rtol) -> FoldedLinen:
+    """`bnjax.deploy.fold` for a linen module (see there); pairs found by interception."""
     who = "bnjax.deploy.fold"
     layers: list[_Call] = []
     bns: list[_Call] = []
@@ -118,6 +119,7 @@ def fold_linen(module, variables, args, kwargs, pairs, check, rtol) -> FoldedLin
 
 
 def fold_nnx(model, args, kwargs, pairs, check, rtol):
+    """`bnjax.deploy.fold` for an nnx module: a folded copy; pairs found by probes."""
     who = "bnjax.deploy.fold"
     graphdef, state = nnx.split(model)
     layers: list[_Call] = []
