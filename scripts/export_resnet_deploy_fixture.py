@@ -18,13 +18,15 @@ Arrays (float32, `num_batches_tracked` int64):
                                 for each conv -> BatchNorm pair (OIHW kernel);
   `batch_<i>`                   batches for `update_bn`, sizes 5, 5, 3, NCHW;
   `after/<state_dict key>`      the state after `torch.optim.swa_utils.update_bn`.
-`__meta__` is a JSON string: torch version, the command, the config, the layout.
+`__meta__` is a JSON string: torch, numpy and Python versions, the command, the
+config, the layout.
 Determinism: fixed seed, one thread, scalar ATen kernels, oneDNN off.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 
 import export_precise_bn_fixture
 import numpy as np
@@ -116,6 +118,8 @@ def build() -> dict[str, np.ndarray]:
     export_precise_bn_fixture.record_update_bn(model, BATCH_SIZES, IMAGE, out)
     meta = {
         "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
         "command": COMMAND,
         "scenario": "fuse_conv_bn_eval per pair and swa_utils.update_bn on a small ResNet",
         "config": {
