@@ -180,3 +180,26 @@ def test_nnx_scan_over_stacked_layers_pools_each_layer():
             model.layers.bn.running_var[...][i], z.var(0, ddof=1), rtol=1e-5, atol=1e-6
         )
     np.testing.assert_array_equal(model.layers.bn.num_batches_tracked[...], [2, 2])
+
+
+def test_a_layer_called_twice_per_forward_counts_each_call():
+    """As PyTorch's cumulative average: each call of a shared BatchNorm is one batch."""
+    import flax.linen as nn
+
+    import bnjax.linen
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            bn = bnjax.linen.BatchNorm()
+            return bn(x, train=train) + bn(2.0 * x + 1.0, train=train)
+
+    rng = np.random.default_rng(3)
+    batches = [jnp.asarray(rng.normal(size=(n, 2)), jnp.float32) for n in (5, 3)]
+    variables = Shared().init(jax.random.key(0), batches[0], train=False)
+    new = deploy.precise_bn(Shared(), variables, batches, progress=False)["batch_stats"]
+    seen = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    seen = np.concatenate([seen, 2.0 * seen + 1.0])
+    np.testing.assert_allclose(new["BatchNorm_0"]["running_mean"], seen.mean(0), **TOL)
+    np.testing.assert_allclose(new["BatchNorm_0"]["running_var"], seen.var(0, ddof=1), **TOL)
+    assert int(new["BatchNorm_0"]["num_batches_tracked"]) == 4
