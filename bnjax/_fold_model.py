@@ -85,9 +85,11 @@ def fold(
       module in eval mode (`model` is not changed): run `folded(x)`.
     - functional: `fold(apply_fn, params, batch_stats, *sample_args, pairs=[...])`
       where `apply_fn(params, batch_stats, *args, bn) -> (outputs, new_batch_stats)`
-      is the eval-mode forward calling `bn` (`bnjax.apply`'s signature) for every
-      BatchNorm; returns a `FoldedFunctional`: run `folded.apply(folded.params,
-      folded.batch_stats, x)`.
+      is the eval-mode forward calling `bn` (`bnjax.apply`'s signature, passed last)
+      for every BatchNorm (a model of `bnjax.batch_norm` layers may instead return
+      each layer's `layer.report(None)` at its place, and pass a BatchNorm whose
+      entry is a `FoldedBatchNorm()` through); returns a `FoldedFunctional`: run
+      `folded.apply(folded.params, folded.batch_stats, x)`.
 
     For linen and nnx the pairs are found on the sample call: a bnjax BatchNorm whose
     input is exactly the output of a `Conv` or `Dense` (`nnx.Linear`), normalizing its
@@ -326,11 +328,11 @@ def _fold_functional(apply_fn, params, batch_stats, args, kwargs, pairs, check, 
     from bnjax._precise_bn import _reporting_bn
 
     seen = jax.eval_shape(
-        lambda p, s: apply_fn(p, s, *args, bn=_reporting_bn, **kwargs), params, batch_stats
+        lambda p, s: apply_fn(p, s, *args, _reporting_bn, **kwargs), params, batch_stats
     )
     if not (isinstance(seen, tuple) and len(seen) == 2):
         raise ValueError(
-            f"{who}: apply_fn(params, batch_stats, *args, bn=bn) must return "
+            f"{who}: apply_fn(params, batch_stats, *args, bn) must return "
             f"(outputs, new_batch_stats), got {type(seen).__name__}."
         )
     done: list[FoldPair] = []
@@ -359,11 +361,11 @@ def _fold_functional(apply_fn, params, batch_stats, args, kwargs, pairs, check, 
         _put(new_stats, p.bn, FoldedBatchNorm())
 
     def apply(params: Any, batch_stats: Any, *a: Any, **kw: Any) -> Any:
-        return apply_fn(params, batch_stats, *a, bn=_folded_bn, **kw)
+        return apply_fn(params, batch_stats, *a, _folded_bn, **kw)
 
     if check and done:
         with jax.default_matmul_precision("highest"):
-            ref = apply_fn(params, batch_stats, *args, bn=_core.apply, **kwargs)[0]
+            ref = apply_fn(params, batch_stats, *args, _core.apply, **kwargs)[0]
             out = apply(new_params, new_stats, *args, **kwargs)[0]
         _check_same(ref, out, rtol, who, done)
     return FoldedFunctional(new_params, new_stats, apply, tuple(done))

@@ -344,3 +344,34 @@ def test_nnx_scan_over_stacked_layers_folds_slice_by_slice():
         z = (z - arr(bn.running_mean)[i]) / np.sqrt(arr(bn.running_var)[i] + 1e-5)
         h = np.maximum(z * arr(bn.weight)[i] + arr(bn.bias)[i], 0)
     np.testing.assert_allclose(folded(x), h, **TOL)
+
+
+def test_a_functional_model_of_factory_layers_folds_with_its_layers_eps():
+    bn = bnjax.batch_norm(eps=0.25)
+    bn_params, bn_stats = bn.init(2)
+    rng = np.random.default_rng(6)
+    bn_stats = dict(
+        bn_stats, running_mean=jnp.asarray([0.5, -1.0]), running_var=jnp.asarray([2.0, 0.3])
+    )
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+        "bn": bn_params,
+    }
+    x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+    def eval_fn(params, batch_stats, x, bn_fn):
+        del bn_fn  # the layers report for themselves
+        h = jnp.dot(x, params["dense"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+        h = h + params["dense"].get("bias", 0.0)
+        if isinstance(batch_stats["bn"], deploy.FoldedBatchNorm):
+            return h, batch_stats
+        y, _ = bn.normalize(params["bn"], batch_stats["bn"], h, False)
+        return y, {"bn": bn.report(None)}
+
+    folded = deploy.fold(eval_fn, params, {"bn": bn_stats}, x, pairs=[("dense", "bn")])
+    assert folded.pairs[0].eps == 0.25
+    z = np.asarray(x, np.float64) @ np.asarray(params["dense"]["kernel"], np.float64)
+    expected = (z - [0.5, -1.0]) / np.sqrt(np.asarray([2.0, 0.3]) + 0.25)
+    np.testing.assert_allclose(
+        folded.apply(folded.params, folded.batch_stats, x)[0], expected, **TOL
+    )

@@ -203,3 +203,27 @@ def test_a_layer_called_twice_per_forward_counts_each_call():
     np.testing.assert_allclose(new["BatchNorm_0"]["running_mean"], seen.mean(0), **TOL)
     np.testing.assert_allclose(new["BatchNorm_0"]["running_var"], seen.var(0, ddof=1), **TOL)
     assert int(new["BatchNorm_0"]["num_batches_tracked"]) == 4
+
+
+def test_a_functional_model_of_factory_layers_reports_through_its_layers():
+    """`bnjax.batch_norm` layers return their own reports: no `bn` argument needed."""
+    import bnjax
+
+    bn = bnjax.batch_norm(eps=1e-3, momentum=0.3)
+    bn_params, bn_stats = bn.init(2)
+    rng = np.random.default_rng(4)
+    kernel = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    batches = [jnp.asarray(rng.normal(size=(n, 3)) + i, jnp.float32) for i, n in enumerate((4, 6))]
+
+    def apply_fn(params, batch_stats, x, unused_bn):
+        h = jnp.dot(x, params["dense"], precision=jax.lax.Precision.HIGHEST)
+        _, moments = bn.normalize(params["bn"], batch_stats["bn"], h, True)
+        return {"bn": bn.report(moments)}
+
+    params = {"dense": kernel, "bn": bn_params}
+    new = deploy.precise_bn(apply_fn, params, {"bn": bn_stats}, batches, progress=False)
+    z = np.concatenate(
+        [np.asarray(b, np.float64) @ np.asarray(kernel, np.float64) for b in batches]
+    )
+    np.testing.assert_allclose(new["bn"]["running_mean"], z.mean(0), **TOL)
+    np.testing.assert_allclose(new["bn"]["running_var"], z.var(0, ddof=1), **TOL)
