@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._conventions import STAT_KEYS
+
 Array = jax.Array
 Path = str | Sequence[str]
 
-_BN_STAT_KEYS = ("running_mean", "running_var")
+_BN_STAT_KEYS = STAT_KEYS[:2]  # what eval mode reads
 
 
 def bn_scale_shift(

@@ -16,16 +16,14 @@ BatchNorm's path. Flax is imported only when a Flax model is given.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-from bnjax._conventions import STAT_KEYS
+from bnjax._conventions import is_batch_stats as is_stats
 from bnjax._report import BatchNormReport, collect_reports
 
 KeyPath = tuple[Any, ...]
-_STAT_KEYS = frozenset(STAT_KEYS)
 
 
 def model_kind(model: Any, who: str) -> str:
@@ -42,11 +40,6 @@ def model_kind(model: Any, who: str) -> str:
             f"function, got {type(model).__name__}."
         )
     return "functional"
-
-
-def is_stats(node: Any) -> bool:
-    """A BatchNorm's running statistics: a mapping with exactly bnjax's three keys."""
-    return isinstance(node, Mapping) and set(node) == _STAT_KEYS
 
 
 def is_report(node: Any) -> bool:

@@ -17,20 +17,18 @@ Convolutions have no bias, as in torchvision. Here the same model is NHWC:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import FIXTURES, HI, load_fixture
 from flax import nnx
 
 import bnjax
 import bnjax.linen
 import bnjax.nnx
 
-FIXTURE = Path(__file__).parent / "fixtures" / "resnet_deploy.npz"
-HI = jax.lax.Precision.HIGHEST
+FIXTURE = FIXTURES / "resnet_deploy.npz"
 PAD1 = ((1, 1), (1, 1))
 DOWN_EPS = 1e-3
 # (block name, c_in, c_out, stride) in call order.
@@ -38,8 +36,7 @@ BLOCKS = (("layer1_0", 4, 4, 1), ("layer1_1", 4, 4, 1), ("layer2_0", 4, 8, 2))
 
 
 def fixture() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE) as d:
-        return {k: d[k] for k in d.files}
+    return load_fixture(FIXTURE.name)
 
 
 def x_nhwc(arrays: dict[str, np.ndarray], key: str = "x") -> jax.Array:
