@@ -5,7 +5,8 @@ conv-bn-relu, `layer1` with two BasicBlocks 4->4, `layer2` with one BasicBlock 4
 (stride 2, downsample conv1x1 - BatchNorm(eps=1e-3)), a mean over H, W and a Linear.
 Convolutions have no bias, as in torchvision. Here the same model is NHWC:
 
-- `LinenResNet(scan=False)`: blocks `layer1_0`, `layer1_1`, `layer2_0`;
+- `LinenResNet(scan=False)`: blocks `layer1_0`, `layer1_1`, `layer2_0` (under
+  `nn.remat` with `remat=True`);
   `LinenResNet(scan=True)`: `layer1`'s two blocks run with `nn.scan` (stacked
   variables under `layer1`);
 - `NnxResNet`: `layer1` and `layer2` are `nnx.List`s of blocks;
@@ -118,9 +119,11 @@ class _ScanBlock(nn.Module):
 class LinenResNet(nn.Module):
     scan: bool = False
     reports_in_scan: bool = True  # list bnjax.linen.REPORTS in nn.scan's variable_axes
+    remat: bool = False  # run the unscanned blocks under nn.remat
 
     @nn.compact
     def __call__(self, x, train: bool):
+        Block = nn.remat(LinenBlock, static_argnums=(2,)) if self.remat else LinenBlock
         h = nn.Conv(4, (3, 3), padding=PAD1, use_bias=False, precision=HI, name="conv1")(x)
         h = nn.relu(bnjax.linen.BatchNorm(name="bn1")(h, train=train))
         if self.scan:
@@ -137,9 +140,9 @@ class LinenResNet(nn.Module):
             )
             h, _ = blocks(4, name="layer1")(h, train)
         else:
-            h = LinenBlock(4, name="layer1_0")(h, train)
-            h = LinenBlock(4, name="layer1_1")(h, train)
-        h = LinenBlock(8, stride=2, name="layer2_0")(h, train)
+            h = Block(4, name="layer1_0")(h, train)
+            h = Block(4, name="layer1_1")(h, train)
+        h = Block(8, stride=2, name="layer2_0")(h, train)
         return nn.Dense(3, precision=HI, name="fc")(h.mean(axis=(1, 2)))
 
 

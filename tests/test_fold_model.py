@@ -56,9 +56,13 @@ def _at(tree, path):
     return tree
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "nn.scan"])
-def test_linen_resnet_folds_to_torch_fuse_conv_bn_eval(scan):
-    model = LinenResNet(scan=scan)
+@pytest.mark.parametrize(
+    "scan, remat",
+    [(False, False), (True, False), (False, True)],
+    ids=["plain", "nn.scan", "nn.remat"],
+)
+def test_linen_resnet_folds_to_torch_fuse_conv_bn_eval(scan, remat):
+    model = LinenResNet(scan=scan, remat=remat)
     variables = linen_variables(ARRAYS, scan=scan)
     before = jax.tree.map(np.array, variables)
     x = x_nhwc(ARRAYS)

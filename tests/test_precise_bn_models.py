@@ -48,11 +48,12 @@ def _stem_pooled_float64():
 
 def _run(kind, tool, **kw):
     """Runs `tool` on the ResNet of `kind`; returns the new statistics, unrolled names."""
-    if kind in ("linen", "linen-scan"):
+    if kind.startswith("linen"):
         scan = kind == "linen-scan"
         variables = linen_variables(ARRAYS, scan=scan)
         before = jax.tree.map(np.array, variables)
-        new = tool(LinenResNet(scan=scan), variables, BATCHES, progress=False, **kw)
+        model = LinenResNet(scan=scan, remat=kind == "linen-remat")
+        new = tool(model, variables, BATCHES, progress=False, **kw)
         jax.tree.map(np.testing.assert_array_equal, variables, before)  # not modified
         assert set(new) == {"params", "batch_stats"} and new["params"] is variables["params"]
         return scan_to_unrolled(new["batch_stats"]) if scan else new["batch_stats"]
@@ -96,7 +97,7 @@ def _run(kind, tool, **kw):
 KINDS = ["linen", "linen-scan", "nnx", "functional"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "linen-remat"])
 def test_whole_model_matches_torch_update_bn(kind):
     """(For linen and nnx, update_bn is precise_bn(pooled=False) on the reports.)"""
     new = _run(kind, deploy.update_bn)
