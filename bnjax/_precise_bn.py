@@ -316,10 +316,17 @@ def _nnx_step(model, inputs, call_kwargs):
         bns = [node for _, node in nnx.iter_graph(m) if isinstance(node, bnnnx.BatchNorm)]
         for bn in bns:
             bn.use_running_average = False  # on this copy only
-        return _whole_model.nnx_reports(m, to_args(batch), call_kwargs)[1]
+        _, reports = _whole_model.nnx_reports(m, to_args(batch), call_kwargs)
+        return reports, nnx.state(m)
+
+    threaded = [state]  # the copy's state goes on from batch to batch (e.g. RNG counters)
+
+    def step(batch):
+        out, threaded[0] = reports(threaded[0], batch)
+        return out
 
     batch_stats = to_plain_dict(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-    return (lambda batch: reports(state, batch)), batch_stats
+    return step, batch_stats
 
 
 def _nnx_write(model: Any, new_stats: Mapping[KeyPath, Any]) -> Any:

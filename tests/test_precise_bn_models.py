@@ -26,6 +26,7 @@ from deploy_models import (
 )
 from flax import nnx
 
+import bnjax.nnx
 from bnjax import deploy
 
 ARRAYS = fixture()
@@ -228,3 +229,22 @@ def test_a_functional_model_of_factory_layers_reports_through_its_layers():
     )
     np.testing.assert_allclose(new["bn"]["running_mean"], z.mean(0), **TOL)
     np.testing.assert_allclose(new["bn"]["running_var"], z.var(0, ddof=1), **TOL)
+
+
+def test_nnx_dropout_draws_fresh_masks_from_batch_to_batch():
+    """The model copy's state (its RNG counters) goes on from batch to batch."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+            self.bn = bnjax.nnx.BatchNorm(3)
+
+        def __call__(self, x):
+            return self.bn(self.drop(x))
+
+    x = jnp.ones((64, 3))
+    once, twice = Net(), Net()
+    deploy.precise_bn(once, [x], pooled=False, progress=False)
+    deploy.precise_bn(twice, [x, x], pooled=False, progress=False)
+    # The same mask twice would average to the one-batch mean exactly.
+    assert not np.array_equal(once.bn.running_mean[...], twice.bn.running_mean[...])
