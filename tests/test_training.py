@@ -623,3 +623,13 @@ def test_flax_nnx_model_through_split_and_merge(policy):
     assert metrics.loss.shape == (K,)
     # One optimizer update with the mean gradient moved the Linear layer.
     assert not np.array_equal(new_params["out"]["kernel"][...], params["out"]["kernel"][...])
+
+
+def test_functional_model_under_jax_checkpoint():
+    """`jax.checkpoint` around the functional loss_fn (reports are ordinary outputs)."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
+    loss_fn = jax.checkpoint(functools.partial(_tiny_loss, m3=None, with_reports=True))
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
+    got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
+    assert_trees_close(got[:2], _run_tiny("full")[:2], rtol=1e-6, atol=1e-7)
