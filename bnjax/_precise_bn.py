@@ -159,7 +159,8 @@ def precise_bn(
       training-mode forward with `bn` (`bnjax.apply`'s signature) for every
       BatchNorm. `bn` normalizes exactly as `bnjax.apply` does and returns the
       batch's `bnjax.BatchNormReport` in place of the new statistics; return it at
-      the BatchNorm's place. Returns the new statistics tree.
+      the BatchNorm's place (a model of `bnjax.batch_norm` layers may return each
+      layer's `layer.report(moments)` there instead). Returns the new statistics.
 
     Args:
       model: a `flax.linen.Module`, a `flax.nnx.Module` or a functional `apply_fn`.
