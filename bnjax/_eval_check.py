@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._whole_model import model_kind
+
 
 class EvalTrapError(AssertionError):
     """Eval-mode outputs depend on batch composition or size (see the message)."""
@@ -30,19 +32,28 @@ class EvalCheckReport(NamedTuple):
 
 
 def check_batch_independence(
-    apply_fn: Callable[[Any, Any], Any],
-    variables: Any,
-    batch: Any,
-    *,
+    model: Any,
+    *args: Any,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_singles: int | None = 8,
     raise_on_failure: bool = True,
+    **call_kwargs: Any,
 ) -> EvalCheckReport:
     """Checks that eval-mode outputs of each example do not depend on its batch.
 
-    `apply_fn(variables, batch)` runs on four groupings of the same examples and each
-    example's outputs are compared with those from the whole batch:
+    Three kinds of model, run as you would deploy them:
+
+    - functional: `check_batch_independence(apply_fn, variables, batch)` with
+      `apply_fn(variables, batch) -> outputs`, the eval-mode forward;
+    - linen: `check_batch_independence(module, variables, batch, train=False)`:
+      `module.apply(variables, batch, **call_kwargs)` (default `train=False`);
+    - nnx: `check_batch_independence(model, batch)`: `model(batch, **call_kwargs)` in
+      the mode the model is in now (a copy runs; `model` is not changed), so a
+      forgotten `model.eval()` is caught.
+
+    The forward runs on five regroupings of the same examples and each example's
+    outputs are compared with those from the whole batch:
 
     - `singles`: each example alone (batch size 1), the first `max_singles` of them;
     - `reversed`: the batch in reverse order (order dependence);
@@ -54,15 +65,17 @@ def check_batch_independence(
     learn *which layer* starts to differ: every output leaf is compared and named.
 
     Args:
-      apply_fn: `apply_fn(variables, batch) -> outputs`, the eval-mode forward; every
-        leaf of `batch` and of `outputs` has the batch as its leading axis.
-      variables: whatever `apply_fn` takes as its first argument (params, stats).
-      batch: a pytree of arrays, all with the same leading size N >= 2.
+      model: a functional `apply_fn`, a `flax.linen.Module` or a `flax.nnx.Module`.
+        Every leaf of the batch and of the outputs has the batch as its leading axis.
+      *args: functional and linen: `variables, batch` (`variables`: whatever
+        `apply_fn` takes first, e.g. `(params, batch_stats)`); nnx: `batch`. The
+        batch is a pytree of arrays, all with the same leading size N >= 2.
       rtol: relative tolerance of the comparison.
       atol: absolute tolerance of the comparison.
       max_singles: how many examples to run alone (`None`: all N).
       raise_on_failure: raise `EvalTrapError` when a check fails (default), or
         only return the report.
+      **call_kwargs: linen and nnx: keyword arguments of the model's call.
 
     Returns:
       An `EvalCheckReport(ok, failures, max_abs_diff)`.
@@ -80,6 +93,7 @@ def check_batch_independence(
       >>> check_batch_independence(apply_fn, (params, stats), jnp.ones((4, 3))).ok
       True
     """
+    apply_fn, variables, batch = _as_apply_fn(model, args, call_kwargs)
     n = _batch_size(batch)
     fn = jax.jit(apply_fn)
     reference = fn(variables, batch)
@@ -165,6 +179,28 @@ def check_batch_independence(
             "running statistics: call it with train=False and its running statistics."
         )
     return report
+
+
+def _as_apply_fn(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any]):
+    """`(apply_fn(variables, batch), variables, batch)` for any kind of model."""
+    kind = model_kind(model, "check_batch_independence")
+    want = 1 if kind == "nnx" else 2
+    if len(args) != want or (kind == "functional" and call_kwargs):
+        usage = {
+            "functional": "check_batch_independence(apply_fn, variables, batch)",
+            "linen": "check_batch_independence(module, variables, batch, train=False)",
+            "nnx": "check_batch_independence(model, batch)",
+        }[kind]
+        raise ValueError(f"check_batch_independence: a {kind} model is checked as {usage}.")
+    if kind == "functional":
+        return model, args[0], args[1]
+    if kind == "linen":
+        kwargs = call_kwargs or {"train": False}
+        return (lambda v, b: model.apply(v, b, **kwargs)), args[0], args[1]
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return (lambda s, b: nnx.merge(graphdef, s)(b, **call_kwargs)), state, args[0]
 
 
 def _batch_size(batch: Any) -> int:

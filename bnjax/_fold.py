@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._conventions import STAT_KEYS
+
 Array = jax.Array
 Path = str | Sequence[str]
 
-_BN_STAT_KEYS = ("running_mean", "running_var")
+_BN_STAT_KEYS = STAT_KEYS[:2]  # what eval mode reads
 
 
 def bn_scale_shift(
@@ -158,9 +160,9 @@ def fold_into_kernel(
 def fold_batchnorms(
     params: Mapping[str, Any],
     batch_stats: Mapping[str, Any],
-    pairs: Sequence[tuple[Path, Path]],
+    pairs: Sequence[tuple[Path, Path] | tuple[Path, Path, float]],
     *,
-    eps: float = 1e-5,
+    eps: float | None = None,
     layout: str | None = None,
     kernel_key: str = "kernel",
     bias_key: str = "bias",
@@ -177,11 +179,13 @@ def fold_batchnorms(
     Args:
       params: the model's parameters, nested mappings.
       batch_stats: the model's running statistics, nested like `params`.
-      pairs: `(layer_path, bn_path)` for each BatchNorm to fold, where a path is a
-        tuple of keys (`("block1", "conv")`) or a `/`-separated string
-        (`"block1/conv"`). The layer must directly feed the BatchNorm (no
-        nonlinearity, pooling or residual add in between).
-      eps: the BatchNorms' `eps`.
+      pairs: `(layer_path, bn_path)` or `(layer_path, bn_path, eps)` for each
+        BatchNorm to fold, where a path is a tuple of keys (`("block1", "conv")`) or
+        a `/`-separated string (`"block1/conv"`). The layer must directly feed the
+        BatchNorm (no nonlinearity, pooling or residual add in between).
+      eps: the `eps` of every BatchNorm listed without its own. There is no
+        default: the trees do not record it, and a wrong `eps` gives silently wrong
+        outputs. `bnjax.deploy.fold` reads each BatchNorm's `eps` from the model.
       layout: the kernels' layout, see `fold_into_kernel` (`None`: JAX's output
         channels last; `"OIHW"`/`"OI"` for trees converted from PyTorch).
       kernel_key: the kernel's key in a layer (`"kernel"` in Flax, `"weight"` in
@@ -194,13 +198,13 @@ def fold_batchnorms(
     Raises:
       KeyError: a path does not exist (the message names the missing key and the keys
         that exist at that level).
-      ValueError: a BatchNorm is listed twice or has no running statistics, or channel
-        counts disagree.
+      ValueError: a BatchNorm is listed twice or has no running statistics, channel
+        counts disagree, or a pair has no `eps` (neither its own nor `eps=`).
 
     Example:
       >>> params = {"conv": {"kernel": jnp.ones((3, 3, 1, 4))}, "bn": bnjax.init(4)[0]}
       >>> stats = {"bn": bnjax.init(4)[1]}
-      >>> p, s = fold_batchnorms(params, stats, [("conv", "bn")])
+      >>> p, s = fold_batchnorms(params, stats, [("conv", "bn")], eps=1e-5)
       >>> sorted(p["conv"]), s
       (['bias', 'kernel'], {})
     """
@@ -208,11 +212,21 @@ def fold_batchnorms(
     new_stats = _copy_dicts(batch_stats)
     seen: set[tuple[str, ...]] = set()
     for i, pair in enumerate(pairs):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        if not (isinstance(pair, (tuple, list)) and len(pair) in (2, 3)):
             raise ValueError(
-                f"fold_batchnorms: pairs[{i}] must be (layer_path, bn_path), got {pair!r}."
+                f"fold_batchnorms: pairs[{i}] must be (layer_path, bn_path) or "
+                f"(layer_path, bn_path, eps), got {pair!r}."
             )
-        layer_path, bn_path = (_as_path(p) for p in pair)
+        layer_path, bn_path = (_as_path(p) for p in pair[:2])
+        pair_eps = pair[2] if len(pair) == 3 else eps
+        if pair_eps is None:
+            raise ValueError(
+                f"fold_batchnorms: no eps for BatchNorm {'/'.join(bn_path)}. The trees do not "
+                "record a BatchNorm's eps and a wrong one silently shifts every output, so "
+                "say it: eps=1e-5 (PyTorch's and bnjax's default) for all pairs, "
+                "(layer_path, bn_path, eps) per pair, or use bnjax.deploy.fold(model, ...), "
+                "which reads each BatchNorm's eps from the model."
+            )
         if bn_path in seen:
             raise ValueError(f"fold_batchnorms: BatchNorm {'/'.join(bn_path)} is listed twice.")
         seen.add(bn_path)
@@ -225,7 +239,7 @@ def fold_batchnorms(
                 f"(keys: {sorted(layer)}); pass kernel_key= (e.g. 'weight' for PyTorch trees)."
             )
         try:
-            scale, shift = bn_scale_shift(bn_params or {}, bn_stats, eps=eps)
+            scale, shift = bn_scale_shift(bn_params or {}, bn_stats, eps=pair_eps)
             kernel, bias = fold_into_kernel(
                 layer[kernel_key], layer.get(bias_key), scale, shift, layout=layout
             )

@@ -5,8 +5,7 @@ Two algorithms, both over a bounded stream of batches, both training-mode forwar
 and so its batch moments, do not depend on any running statistics):
 
 - `update_bn`, PyTorch's `torch.optim.swa_utils.update_bn` (and fvcore's precise
-  BN): reset the running statistics, then run every batch with `momentum=None`,
-  the cumulative average. Each *batch* gets the same weight 1/B:
+  BN): every *batch* gets the same weight 1/B:
   `running_mean = mean_b(mean_b)`, `running_var = mean_b(var_b * n_b / (n_b - 1))`.
 - `precise_bn(..., pooled=True)`: the statistics of all the elements pooled
   together, as if the B batches were one: per-batch `(n_b, mean_b, M2_b)` combined
@@ -16,11 +15,15 @@ and so its batch moments, do not depend on any running statistics):
   `update_bn`) and by the spread of the batch means (the equal-weight variance
   averages within-batch variances only; the pooled one also counts the variance
   *between* batch means).
+
+Both run on the model itself, whatever its kind: a `flax.linen` module and its
+variables, a `flax.nnx` module, or a functional `apply_fn`. Each BatchNorm's batch
+moments come through `bnjax.BatchNormReport` (`_whole_model.py`), are combined on the
+host in float64, and are written back where the model keeps its statistics.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,53 +32,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import _core, _stats
-from bnjax._validate import normalize_axes
+from bnjax import _whole_model
+from bnjax._conventions import to_plain_dict
+from bnjax._layer import BatchNormConfig, layer_from_config
+from bnjax._report import BatchNormReport
+from bnjax._whole_model import KeyPath, is_stats, name, report_leaves, stats_leaves
 
 BatchStatsTree = Any
-_STAT_KEYS = frozenset(_core.STAT_KEYS)
 
 
 def update_bn(
-    apply_fn: Callable[[Any, BatchStatsTree, Any], BatchStatsTree],
-    params: Any,
-    batch_stats: BatchStatsTree,
-    batches: Iterable[Any],
-    *,
+    model: Any,
+    *args: Any,
     num_batches: int | None = None,
     progress: bool = True,
     check_momentum: bool = True,
-) -> BatchStatsTree:
+    inputs: Callable[[Any], tuple[Any, ...]] | None = None,
+    **call_kwargs: Any,
+) -> Any:
     """Recomputes every BatchNorm's running statistics, as `torch.optim.swa_utils.update_bn`.
 
-    Every BatchNorm's statistics are reset (mean 0, var 1, count 0) and the batches
-    are run through `apply_fn` in order, threading the statistics; with
-    `momentum=None` each BatchNorm keeps the cumulative average, so each batch has
-    weight 1/B: `running_mean = mean_b(mean_b)`,
-    `running_var = mean_b(var_b * n_b / (n_b - 1))`, `num_batches_tracked = B`.
+    Each batch weighs 1/B: `running_mean = mean_b(mean_b)`,
+    `running_var = mean_b(var_b * n_b / (n_b - 1))`, `num_batches_tracked = B`;
+    the old statistics play no part. Three kinds of model:
+
+    - linen: `update_bn(module, variables, batches, train=True)` returns new
+      `variables` (the `batch_stats` collection replaced). Keyword arguments go to
+      `module.apply` (default `train=True`).
+    - nnx: `update_bn(model, batches)` writes the statistics into `model`'s
+      BatchNorms and returns `model`. Its BatchNorms run in training mode (the
+      rest of the model keeps its mode); keyword arguments go to its call.
+    - functional: `update_bn(apply_fn, params, batch_stats, batches)` with
+      `apply_fn(params, batch_stats, batch) -> new_batch_stats`, the training-mode
+      forward whose BatchNorms all use **`momentum=None`** (as `update_bn` sets on
+      PyTorch modules); the statistics are reset (mean 0, var 1, count 0) and
+      threaded through the batches. (A functional model that takes a `bn`
+      argument: `precise_bn(..., pooled=False)` gives the same numbers.)
+
+    The linen and nnx routes read each BatchNorm's moments through its
+    `bnjax.BatchNormReport` and average them in float64, whatever the layers'
+    momentum: no second model, no `momentum=None`.
 
     Args:
-      apply_fn: `apply_fn(params, batch_stats, batch) -> new_batch_stats`, the
-        model's training-mode forward whose BatchNorms all use **`momentum=None`**
-        (as `update_bn` sets on PyTorch modules). It is `jax.jit`-compiled once.
-      params: the model's parameters, passed through unchanged.
-      batch_stats: the model's statistics tree; every mapping with exactly the keys
-        `running_mean`, `running_var`, `num_batches_tracked` is a BatchNorm and is
-        reset. Not modified.
-      batches: an iterable of batches (pytrees of arrays), e.g. a data loader.
+      model: a `flax.linen.Module`, a `flax.nnx.Module` or a functional `apply_fn`.
+      *args: linen: `variables, batches`; nnx: `batches`; functional: `params,
+        batch_stats, batches`. `batches` is an iterable of batches (pytrees).
       num_batches: use at most this many batches (`None`: all of them).
       progress: show a `tqdm` progress bar (when tqdm is installed).
-      check_momentum: run the first batch from two different reset states and raise
-        if the results differ, which means some BatchNorm does not use
-        `momentum=None` (one extra forward).
+      check_momentum: functional route only: run the first batch from two different
+        reset states and raise if the results differ (some BatchNorm does not use
+        `momentum=None`).
+      inputs: linen and nnx: `inputs(batch) -> tuple` of the model's positional
+        arguments (default: the batch is the one argument).
+      **call_kwargs: linen and nnx: keyword arguments of the model's call.
 
     Returns:
-      The new statistics tree, of `batch_stats`'s structure.
+      linen: new variables; nnx: `model`, updated in place; functional: the new
+      statistics tree, of `batch_stats`'s structure.
 
     Raises:
-      ValueError: no batch, no BatchNorm statistics in `batch_stats`, `apply_fn`
-        returns another structure, or (with `check_momentum`) some BatchNorm does
-        not use `momentum=None`.
+      ValueError: no batch; no BatchNorm statistics; a BatchNorm that ran in eval
+        mode or reported nothing (e.g. `nn.scan` without `bnjax.linen.REPORTS` in
+        `variable_axes`); (functional) a structure change or a fixed momentum.
 
     Example:
       >>> def apply_fn(params, stats, x):
@@ -86,6 +104,13 @@ def update_bn(
       Array([2., 2.], dtype=float32)
     """
     _check_num_batches(num_batches)
+    kind = _whole_model.model_kind(model, "update_bn")
+    if kind != "functional":
+        return _recompute(
+            "update_bn", kind, model, args, False, num_batches, progress, inputs, call_kwargs
+        )
+    apply_fn = model
+    params, batch_stats, batches = _unpack_functional("update_bn", args, call_kwargs)
     fresh = _reset(batch_stats, var=1.0)
     step = jax.jit(apply_fn)
     stats = fresh
@@ -103,22 +128,18 @@ def update_bn(
 
 
 def precise_bn(
-    apply_fn: Callable[[Any, BatchStatsTree, Any, Callable[..., Any]], BatchStatsTree],
-    params: Any,
-    batch_stats: BatchStatsTree,
-    batches: Iterable[Any],
-    *,
+    model: Any,
+    *args: Any,
     pooled: bool = True,
     num_batches: int | None = None,
     progress: bool = True,
-) -> BatchStatsTree:
+    inputs: Callable[[Any], tuple[Any, ...]] | None = None,
+    **call_kwargs: Any,
+) -> Any:
     """Recomputes every BatchNorm's running statistics exactly, pooled over all elements.
 
-    `apply_fn` receives a BatchNorm function `bn` with `bnjax.apply`'s signature and
-    must use it for every BatchNorm. In training mode `bn` normalizes exactly as
-    `bnjax.apply` does and, in place of updated statistics, returns that batch's
-    `bnjax.Moments` (mean, biased var, count). The helper collects them per
-    BatchNorm and combines them on the host in float64:
+    Each BatchNorm's batch moments (mean, biased var, count) are collected per batch
+    and combined on the host in float64:
 
     - `pooled=True`: Chan's parallel combination of `(n_b, mean_b, M2_b = n_b var_b)`,
       i.e. the statistics of all elements of all batches together;
@@ -127,28 +148,40 @@ def precise_bn(
       computed without float32 cumulative rounding.
 
     `num_batches_tracked` becomes the number of batches, as after `update_bn`.
+    Three kinds of model:
+
+    - linen: `precise_bn(module, variables, batches, train=True)` returns new
+      `variables`; the moments come from `bnjax.linen.REPORTS`.
+    - nnx: `precise_bn(model, batches)` writes the statistics into `model`'s
+      BatchNorms (which run in training mode) and returns `model`.
+    - functional: `precise_bn(apply_fn, params, batch_stats, batches)` with
+      `apply_fn(params, batch_stats, batch, bn) -> new_batch_stats`, the
+      training-mode forward with `bn` (`bnjax.apply`'s signature) for every
+      BatchNorm. `bn` normalizes exactly as `bnjax.apply` does and returns the
+      batch's `bnjax.BatchNormReport` in place of the new statistics; return it at
+      the BatchNorm's place (a model of `bnjax.batch_norm` layers may return each
+      layer's `layer.report(moments)` there instead). Returns the new statistics.
 
     Args:
-      apply_fn: `apply_fn(params, batch_stats, batch, bn) -> new_batch_stats`, the
-        model's training-mode forward with `bn` in place of `bnjax.apply`; it must
-        thread each BatchNorm's statistics entry through `bn` unchanged (the entry
-        `bn` returns is a `bnjax.Moments`, not a statistics dict). It is
-        `jax.jit`-compiled once.
-      params: the model's parameters, passed through unchanged.
-      batch_stats: the model's statistics tree (mappings with `running_mean`,
-        `running_var`, `num_batches_tracked` are BatchNorms). Not modified.
-      batches: an iterable of batches (pytrees of arrays).
+      model: a `flax.linen.Module`, a `flax.nnx.Module` or a functional `apply_fn`.
+      *args: linen: `variables, batches`; nnx: `batches`; functional: `params,
+        batch_stats, batches`. `batches` is an iterable of batches (pytrees).
       pooled: pool all elements (True) or weigh each batch equally (False).
       num_batches: use at most this many batches (`None`: all of them).
       progress: show a `tqdm` progress bar (when tqdm is installed).
+      inputs: linen and nnx: `inputs(batch) -> tuple` of the model's positional
+        arguments (default: the batch is the one argument).
+      **call_kwargs: linen and nnx: keyword arguments of the model's call (linen
+        default: `train=True`).
 
     Returns:
-      The new statistics tree, of `batch_stats`'s structure and dtypes.
+      linen: new variables; nnx: `model`, updated in place; functional: the new
+      statistics tree, of `batch_stats`'s structure and dtypes.
 
     Raises:
-      ValueError: no batch; `bn` was called with `train=False`; a BatchNorm of
-        `batch_stats` was never run through `bn`, or `bn` ran at a place that is not a
-        BatchNorm of `batch_stats`; a BatchNorm saw fewer than 2 values in all.
+      ValueError: no batch; a BatchNorm ran in eval mode; a BatchNorm of the model
+        reported nothing (functional: was never run through `bn`), or a report at a
+        place that holds no statistics; a BatchNorm saw fewer than 2 values in all.
 
     Example:
       >>> def apply_fn(params, stats, x, bn):
@@ -160,56 +193,157 @@ def precise_bn(
       Array([5.], dtype=float32)
     """
     _check_num_batches(num_batches)
-    if not any(_is_stats(s) for s in _stat_dicts(batch_stats)):
-        raise ValueError(_no_stats_message("precise_bn", batch_stats))
-    step = jax.jit(functools.partial(_call_with_collector, apply_fn))
-    acc: dict[tuple[Any, ...], _Accumulator] = {}
+    kind = _whole_model.model_kind(model, "precise_bn")
+    return _recompute(
+        "precise_bn", kind, model, args, pooled, num_batches, progress, inputs, call_kwargs
+    )
+
+
+# --- one recomputation for every kind of model.
+
+
+def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, call_kwargs):
+    if kind == "functional":
+        params, batch_stats, batches = _unpack_functional(who, args, call_kwargs)
+        apply_fn = model
+        jitted = jax.jit(lambda p, s, b: apply_fn(p, s, b, _reporting_bn))
+
+        def step(batch):
+            return jitted(params, batch_stats, batch)
+
+    elif kind == "linen":
+        if len(args) != 2:
+            raise ValueError(
+                f"{who}: a linen model is called as {who}(module, variables, batches)."
+            )
+        variables, batches = args
+        step, batch_stats = _linen_step(model, variables, inputs, call_kwargs)
+    else:
+        if len(args) != 1:
+            raise ValueError(f"{who}: an nnx model is called as {who}(model, batches).")
+        (batches,) = args
+        step, batch_stats = _nnx_step(model, inputs, call_kwargs)
+
+    targets = stats_leaves(batch_stats)
+    if not targets:
+        raise ValueError(_no_stats_message(who, batch_stats))
+    acc: dict[KeyPath, _Accumulator] = {}
     seen = 0
-    for batch in _bounded(batches, num_batches, progress, "precise_bn"):
-        out = step(params, batch_stats, batch)
-        leaves = jax.tree_util.tree_flatten_with_path(
-            out, is_leaf=lambda v: isinstance(v, _stats.Moments)
-        )[0]
-        for path, m in leaves:
-            if isinstance(m, _stats.Moments):
-                acc.setdefault(path, _Accumulator()).add(m)
+    for batch in _bounded(batches, num_batches, progress, who):
+        for path, report in report_leaves(step(batch)).items():
+            if not report.trained:
+                raise ValueError(
+                    f"{who}: the BatchNorm at {name(path)} ran in eval mode (running "
+                    "statistics); precise BN runs the model in training mode (batch "
+                    "statistics): pass train=True (linen), or call `bn` with train=True "
+                    "(functional)."
+                )
+            if path not in targets:
+                if report.config.track_running_stats and kind == "functional":
+                    raise ValueError(
+                        f"{who}: `bn` ran at {name(path)}, which is not a BatchNorm "
+                        "statistics entry of batch_stats (a mapping with running_mean, "
+                        "running_var, num_batches_tracked). Return each BatchNorm's entry at "
+                        "its own place."
+                    )
+                continue
+            feature_ndim = np.ndim(targets[path]["running_mean"])
+            acc.setdefault(path, _Accumulator()).add(report, feature_ndim)
         seen += 1
     if seen == 0:
-        raise ValueError("precise_bn: `batches` yielded no batch.")
+        raise ValueError(f"{who}: `batches` yielded no batch.")
+    missing = [p for p in targets if p not in acc]
+    if missing:
+        raise ValueError(_whole_model.missing_reports_message(who, missing, kind))
 
-    def finish(path: tuple[Any, ...], node: Any) -> Any:
-        if not _is_stats(node):
-            return node
-        if path not in acc:
-            raise ValueError(
-                f"precise_bn: the BatchNorm at {jax.tree_util.keystr(path)} was never run "
-                "through `bn`; apply_fn must call the `bn` it is given (not bnjax.apply) "
-                "for every BatchNorm, with its statistics entry."
-            )
-        mean, var = acc.pop(path).result(pooled, jax.tree_util.keystr(path))
-        return {
-            "running_mean": jnp.asarray(mean, node["running_mean"].dtype),
-            "running_var": jnp.asarray(var, node["running_var"].dtype),
-            "num_batches_tracked": jnp.asarray(
-                seen, jnp.asarray(node["num_batches_tracked"]).dtype
+    new = {p: acc[p].result(pooled, f"{who}: the BatchNorm at {name(p)}") for p in targets}
+    new_stats = {
+        p: {
+            "running_mean": jnp.asarray(new[p][0], s["running_mean"].dtype),
+            "running_var": jnp.asarray(new[p][1], s["running_var"].dtype),
+            "num_batches_tracked": jnp.full(
+                np.shape(s["num_batches_tracked"]),
+                seen * acc[p].calls_per_batch(seen),
+                jnp.asarray(s["num_batches_tracked"]).dtype,
             ),
         }
-
-    result = jax.tree_util.tree_map_with_path(finish, batch_stats, is_leaf=_is_stats)
-    if acc:
-        raise ValueError(
-            "precise_bn: `bn` ran at "
-            f"{', '.join(jax.tree_util.keystr(p) for p in acc)}, which is not a BatchNorm "
-            "statistics entry of batch_stats (a mapping with running_mean, running_var, "
-            "num_batches_tracked). Return each BatchNorm's entry at its own place."
-        )
+        for p, s in targets.items()
+    }
+    if kind == "nnx":
+        return _nnx_write(model, new_stats)
+    result = jax.tree_util.tree_map_with_path(
+        lambda path, node: new_stats[_whole_model._plain(path)] if is_stats(node) else node,
+        batch_stats,
+        is_leaf=is_stats,
+    )
+    if kind == "linen":
+        return {**args[0], "batch_stats": result}
     return result
 
 
-# --- the collecting BatchNorm used by precise_bn.
+def _unpack_functional(who, args, call_kwargs):
+    if call_kwargs or len(args) != 3:
+        raise ValueError(
+            f"{who}: a functional model is called as {who}(apply_fn, params, batch_stats, "
+            f"batches); got {len(args)} positional arguments after apply_fn"
+            + (f" and keyword arguments {sorted(call_kwargs)}." if call_kwargs else ".")
+        )
+    return args
 
 
-def _collecting_bn(
+def _linen_step(module, variables, inputs, call_kwargs):
+    kwargs = dict(call_kwargs) if call_kwargs else {"train": True}
+    to_args = inputs or (lambda batch: (batch,))
+
+    @jax.jit
+    def reports(variables, batch):
+        return _whole_model.linen_reports(module, variables, to_args(batch), kwargs)[1]
+
+    batch_stats = to_plain_dict(variables).get("batch_stats", {})
+    return (lambda batch: reports(variables, batch)), batch_stats
+
+
+def _nnx_step(model, inputs, call_kwargs):
+    from flax import nnx
+
+    from bnjax import nnx as bnnnx
+
+    to_args = inputs or (lambda batch: (batch,))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def reports(state, batch):
+        m = nnx.merge(graphdef, state)
+        bns = [node for _, node in nnx.iter_graph(m) if isinstance(node, bnnnx.BatchNorm)]
+        for bn in bns:
+            bn.use_running_average = False  # on this copy only
+        _, reports = _whole_model.nnx_reports(m, to_args(batch), call_kwargs)
+        return reports, nnx.state(m)
+
+    threaded = [state]  # the copy's state goes on from batch to batch (e.g. RNG counters)
+
+    def step(batch):
+        out, threaded[0] = reports(threaded[0], batch)
+        return out
+
+    batch_stats = to_plain_dict(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    return step, batch_stats
+
+
+def _nnx_write(model: Any, new_stats: Mapping[KeyPath, Any]) -> Any:
+    for path, stats in new_stats.items():
+        bn = model
+        for key in path:
+            bn = bn[key] if isinstance(key, int) else getattr(bn, key)
+        for key, value in stats.items():
+            getattr(bn, key)[...] = value
+    return model
+
+
+# --- the reporting BatchNorm handed to a functional model.
+
+
+def _reporting_bn(
     params: Any,
     batch_stats: Any,
     x: Any,
@@ -222,92 +356,85 @@ def _collecting_bn(
     axis_index_groups: Any = None,
     mask: Any = None,
 ) -> tuple[jax.Array, Any]:
-    """`bnjax.apply` in training mode that returns the batch's Moments as its 'statistics'."""
-    if train is not True:
-        raise ValueError(
-            "precise_bn: the `bn` given to apply_fn was called with train="
-            f"{train!r}; precise BN runs the model in training mode (batch statistics). "
-            "Pass train=True in apply_fn."
+    """`bnjax.apply` that returns its call's `BatchNormReport` in place of new statistics."""
+    layer = layer_from_config(
+        BatchNormConfig(
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            affine="weight" in params,
+            bias="bias" in params,
         )
-    y, _ = _core.apply(
-        params,
-        batch_stats,
-        x,
-        True,
-        momentum=momentum,
-        eps=eps,
-        axis=axis,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
     )
+    y, moments = layer.normalize(params, batch_stats, x, train, mask=mask)
     if not batch_stats:  # track_running_stats=False: nothing to recompute
         return y, batch_stats
-    x = jnp.asarray(x)
-    axes = normalize_axes(axis, x.shape)
-    reduce_axes = tuple(a for a in range(x.ndim) if a not in axes)
-    m = _stats.batch_moments(
-        x,
-        reduce_axes,
-        mask=None if mask is None else jnp.asarray(mask),
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-    )
-    return y, _stats.Moments(m.mean, m.var, jnp.asarray(m.count, jnp.int32))
-
-
-def _call_with_collector(apply_fn: Callable[..., Any], params: Any, stats: Any, batch: Any) -> Any:
-    return apply_fn(params, stats, batch, _collecting_bn)
+    return y, layer.report(moments if train else None)
 
 
 class _Accumulator:
-    """Per-BatchNorm float64 host accumulators for both precise-BN variants."""
+    """Per-BatchNorm float64 host accumulators for both precise-BN variants.
+
+    A report's leading axes beyond the statistics' own shape are several calls of
+    the layer in one forward (a shared layer): each call counts as a batch.
+    """
 
     def __init__(self) -> None:
-        self.n = 0.0  # pooled: total count
+        self.n: np.ndarray | float = 0.0  # pooled: total count
         self.mean: np.ndarray | float = 0.0  # pooled mean
         self.m2: np.ndarray | float = 0.0  # pooled sum of squared deviations
-        self.batches = 0  # equal weight: batches with >= 2 values
+        self.batches: np.ndarray | float = 0.0  # equal weight: batches with >= 2 values
         self.sum_mean: np.ndarray | float = 0.0
         self.sum_uvar: np.ndarray | float = 0.0
+        self.calls = 0  # calls seen in all
 
-    def add(self, m: _stats.Moments) -> None:
-        n_b = float(np.asarray(m.count))
-        if n_b == 0:
-            return
-        mean_b = np.asarray(m.mean, np.float64)
-        m2_b = np.asarray(m.var, np.float64) * n_b
+    def add(self, report: BatchNormReport, feature_ndim: int) -> None:
+        mean = np.asarray(report.mean, np.float64)
+        var = np.asarray(report.var, np.float64)
+        count = np.asarray(report.count, np.float64)
+        calls = mean.ndim - feature_ndim  # leading axes: calls of a shared layer
+        mean = mean.reshape(-1, *mean.shape[calls:])
+        var = var.reshape(mean.shape)
+        count = count.reshape(mean.shape[0], *count.shape[calls:])
+        for m, v, c in zip(mean, var, count, strict=True):
+            self._add_one(m, v, c.reshape(c.shape + (1,) * (m.ndim - c.ndim)))
+            self.calls += 1
+
+    def _add_one(self, mean_b: np.ndarray, var_b: np.ndarray, n_b: np.ndarray) -> None:
         # Chan, Golub & LeVeque: combine (n, mean, M2) of two disjoint sets.
+        m2_b = var_b * n_b
         n = self.n + n_b
+        safe = np.where(n > 0, n, 1.0)
         delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / n)
+        self.mean = self.mean + delta * (n_b / safe)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / safe)
         self.n = n
-        if n_b >= 2:  # as bnjax.apply / PyTorch: a batch of < 2 values changes nothing
-            self.batches += 1
-            self.sum_mean = self.sum_mean + mean_b
-            self.sum_uvar = self.sum_uvar + m2_b / (n_b - 1)
+        # As bnjax.apply / PyTorch: a batch of < 2 values changes nothing.
+        ok = n_b >= 2
+        self.batches = self.batches + ok
+        self.sum_mean = self.sum_mean + np.where(ok, mean_b, 0.0)
+        self.sum_uvar = self.sum_uvar + np.where(ok, m2_b / np.maximum(n_b - 1, 1), 0.0)
+
+    def calls_per_batch(self, batches: int) -> int:
+        return max(1, self.calls // max(batches, 1))
 
     def result(self, pooled: bool, where: str) -> tuple[np.ndarray, np.ndarray]:
-        if (pooled and self.n < 2) or (not pooled and self.batches == 0):
+        if (pooled and np.any(self.n < 2)) or (not pooled and np.any(self.batches == 0)):
             raise ValueError(
-                f"precise_bn: the BatchNorm at {where} saw fewer than 2 values "
+                f"{where} saw fewer than 2 values "
                 f"{'in all' if pooled else 'in every batch'}; its variance is undefined."
             )
+        shape = np.shape(self.mean)
         if pooled:
-            return np.asarray(self.mean), np.asarray(self.m2) / (self.n - 1)
-        return np.asarray(self.sum_mean) / self.batches, np.asarray(self.sum_uvar) / self.batches
+            var = np.asarray(self.m2) / (np.asarray(self.n) - 1)
+            return np.asarray(self.mean), np.broadcast_to(var, shape)
+        mean = np.asarray(self.sum_mean) / self.batches
+        return mean, np.broadcast_to(np.asarray(self.sum_uvar) / self.batches, np.shape(mean))
 
 
-# --- helpers shared by both.
-
-
-def _is_stats(node: Any) -> bool:
-    return isinstance(node, Mapping) and set(node) == _STAT_KEYS
-
-
-def _stat_dicts(tree: Any) -> list[Any]:
-    return jax.tree_util.tree_leaves(tree, is_leaf=_is_stats)
+# --- helpers of the functional update_bn.
 
 
 def _no_stats_message(who: str, tree: Any) -> str:
@@ -320,11 +447,11 @@ def _no_stats_message(who: str, tree: Any) -> str:
 
 def _reset(batch_stats: Any, *, var: float) -> Any:
     """A copy of the tree with every BatchNorm's statistics reset (as PyTorch does)."""
-    if not any(_is_stats(s) for s in _stat_dicts(batch_stats)):
+    if not stats_leaves(batch_stats):
         raise ValueError(_no_stats_message("update_bn", batch_stats))
 
     def reset(node: Any) -> Any:
-        if not _is_stats(node):
+        if not is_stats(node):
             return node
         return {
             "running_mean": jnp.zeros_like(node["running_mean"]),
@@ -332,7 +459,7 @@ def _reset(batch_stats: Any, *, var: float) -> Any:
             "num_batches_tracked": jnp.zeros_like(node["num_batches_tracked"]),
         }
 
-    return jax.tree_util.tree_map(reset, batch_stats, is_leaf=_is_stats)
+    return jax.tree_util.tree_map(reset, batch_stats, is_leaf=is_stats)
 
 
 def _check_cumulative(step: Callable[..., Any], params: Any, batch: Any, fresh: Any) -> None:
@@ -341,11 +468,11 @@ def _check_cumulative(step: Callable[..., Any], params: Any, batch: Any, fresh: 
     other = jax.tree_util.tree_map(
         lambda node: (
             dict(node, running_mean=node["running_mean"] + 1, running_var=node["running_var"] + 1)
-            if _is_stats(node)
+            if is_stats(node)
             else node
         ),
         fresh,
-        is_leaf=_is_stats,
+        is_leaf=is_stats,
     )
     a = step(params, fresh, batch)
     b = step(params, other, batch)

@@ -1,9 +1,15 @@
-"""Deployment and maintenance of BatchNorm: folding, precise BN, checks, checkpoints.
+"""Deployment and maintenance of BatchNorm: precise BN, folding, checks, checkpoints.
 
-- Folding: `bn_scale_shift`, `fold_into_kernel`, `fold_batchnorms` turn an eval-mode
-  BatchNorm into a per-channel multiply-add and fold it into the preceding layer.
+Each tool takes the model as it is: a `flax.linen` module and its variables, a
+`flax.nnx` module, or a functional `apply_fn`; per-layer facts (batch moments, each
+BatchNorm's own `eps`) come through `bnjax.BatchNormReport`.
+
 - Precise BN: `update_bn` (PyTorch's `torch.optim.swa_utils.update_bn`, equal weight
   per batch) and `precise_bn` (exact statistics pooled over all elements).
+- Folding: `fold` folds every BatchNorm of a model into the Conv or Dense that feeds
+  it (pairs found, each BatchNorm's own eps, result checked) and returns something to
+  run in eval mode; `bn_scale_shift`, `fold_into_kernel`, `fold_batchnorms` are the
+  tree-level steps.
 - The eval trap: `check_batch_independence` checks that eval-mode outputs of each
   example do not depend on its batch-mates or the batch size.
 - Checkpoints: `save_checkpoint` / `restore_checkpoint` store a training state
@@ -24,6 +30,11 @@ from bnjax._eval_check import check_batch_independence as check_batch_independen
 from bnjax._fold import bn_scale_shift as bn_scale_shift
 from bnjax._fold import fold_batchnorms as fold_batchnorms
 from bnjax._fold import fold_into_kernel as fold_into_kernel
+from bnjax._fold_model import FoldedBatchNorm as FoldedBatchNorm
+from bnjax._fold_model import FoldedFunctional as FoldedFunctional
+from bnjax._fold_model import FoldedLinen as FoldedLinen
+from bnjax._fold_model import FoldPair as FoldPair
+from bnjax._fold_model import fold as fold
 from bnjax._precise_bn import precise_bn as precise_bn
 from bnjax._precise_bn import update_bn as update_bn
 from bnjax._sharded_checkpoint import (
@@ -35,8 +46,13 @@ __all__ = [
     "CheckpointError",
     "EvalCheckReport",
     "EvalTrapError",
+    "FoldPair",
+    "FoldedBatchNorm",
+    "FoldedFunctional",
+    "FoldedLinen",
     "bn_scale_shift",
     "check_batch_independence",
+    "fold",
     "fold_batchnorms",
     "fold_into_kernel",
     "precise_bn",

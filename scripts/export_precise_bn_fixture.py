@@ -48,6 +48,16 @@ BATCH_SIZES = (5, 5, 5, 3)
 IMAGE = (1, 6, 6)
 
 
+def record_update_bn(model, batch_sizes, image, out: dict[str, np.ndarray]) -> None:
+    """Runs `update_bn` on random batches; records them (`batch_<i>`) and `after/<key>`."""
+    # Inputs with a non-zero mean per batch, so the between-batch spread is visible.
+    batches = [torch.randn(n, *image) + 0.5 * i for i, n in enumerate(batch_sizes)]
+    out.update({f"batch_{i}": b.numpy().copy() for i, b in enumerate(batches)})
+    model.train()
+    update_bn(batches, model)
+    out.update({f"after/{k}": v for k, v in _state(model).items()})
+
+
 def build() -> dict[str, np.ndarray]:
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
@@ -61,13 +71,8 @@ def build() -> dict[str, np.ndarray]:
             bn.running_mean.normal_()
             bn.running_var.uniform_(0.5, 2.0)
             bn.num_batches_tracked.fill_(17)
-    # Inputs with a non-zero mean per batch, so the between-batch spread is visible.
-    batches = [torch.randn(n, *IMAGE) + 0.5 * i for i, n in enumerate(BATCH_SIZES)]
     out = {f"before/{k}": v for k, v in _state(model).items()}
-    out.update({f"batch_{i}": b.numpy().copy() for i, b in enumerate(batches)})
-    model.train()
-    update_bn(batches, model)
-    out.update({f"after/{k}": v for k, v in _state(model).items()})
+    record_update_bn(model, BATCH_SIZES, IMAGE, out)
     meta = {
         "torch_version": torch.__version__,
         "command": COMMAND,
@@ -90,13 +95,14 @@ def build() -> dict[str, np.ndarray]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(build=None, doc: str | None = None, *, compressed: bool = False) -> None:
+    """The command line of this exporter (and of others that reuse it): `--out FILE`."""
+    parser = argparse.ArgumentParser(description=(doc or __doc__).splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
     args = parser.parse_args()
-    arrays = build()
+    arrays = (build or globals()["build"])()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **arrays)
+    (np.savez_compressed if compressed else np.savez)(args.out, **arrays)
     print(f"wrote {args.out} ({len(arrays)} arrays, torch {torch.__version__})")
 
 

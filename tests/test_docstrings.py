@@ -15,6 +15,7 @@ MODULES = [
     "bnjax._renorm",
     "bnjax._conventions",
     "bnjax._fold",
+    "bnjax._fold_model",
     "bnjax._precise_bn",
     "bnjax._eval_check",
     "bnjax._checkpoint",

@@ -100,3 +100,54 @@ def test_bad_batches_are_rejected(setup):
         check_batch_independence(fn, variables, x[:1])
     with pytest.raises(ValueError, match="same leading batch size"):
         check_batch_independence(lambda v, b: fn(v, b[0]), variables, (x, x[:3]))
+
+
+# --- whole Flax models, run as they would be deployed.
+
+
+def test_linen_and_nnx_models_are_checked_as_they_are():
+    import flax.linen as nn
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    class Net(nn.Module):
+        track_running_stats: bool = True
+
+        @nn.compact
+        def __call__(self, x, train):
+            h = nn.Dense(4)(x)
+            return bnjax.linen.BatchNorm(track_running_stats=self.track_running_stats)(h, train)
+
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    variables = Net().init(jax.random.key(1), x, train=False)
+    assert check_batch_independence(Net(), variables, x).ok  # default call: train=False
+    # Without running statistics, eval mode normalizes with the batch: the trap.
+    no_stats = Net(track_running_stats=False)
+    report = check_batch_independence(
+        no_stats,
+        no_stats.init(jax.random.key(1), x, train=False),
+        x,
+        train=False,
+        raise_on_failure=False,
+    )
+    assert not report.ok and report.failures[0].startswith("singles")
+
+    class NnxNet(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+            self.bn = bnjax.nnx.BatchNorm(4)
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    model = NnxNet()  # training mode, as built: a forgotten model.eval()
+    before = jax.tree.map(np.array, nnx.state(model))
+    with pytest.raises(EvalTrapError, match="singles"):
+        check_batch_independence(model, x)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)  # not changed
+    model.eval()
+    assert check_batch_independence(model, x).ok
+    with pytest.raises(ValueError, match=r"checked as check_batch_independence\(model, batch\)"):
+        check_batch_independence(model, variables, x)

@@ -164,7 +164,7 @@ def test_fold_whole_cnn_end_to_end():
     before = jax.tree.map(np.array, (params, stats))
     x = jnp.asarray(rng.normal(size=(3, 6, 6, 1)), jnp.float32)
     pairs = [("conv1", "bn1"), ("block/conv2", ("block", "bn2"))]
-    fp, fs = fold_batchnorms(params, stats, pairs)
+    fp, fs = fold_batchnorms(params, stats, pairs, eps=1e-5)
 
     assert set(fp) == {"conv1", "block", "fc"} and set(fp["block"]) == {"conv2"}
     assert fs == {"block": {}}  # running statistics of folded BatchNorms are gone
@@ -180,20 +180,20 @@ def test_fold_errors_name_the_problem():
     rng = np.random.default_rng(4)
     params, stats = _cnn_init(rng)
     with pytest.raises(KeyError, match=r"'conv9'.*keys there: \['block', 'bn1', 'conv1', 'fc'\]"):
-        fold_batchnorms(params, stats, [("conv9", "bn1")])
+        fold_batchnorms(params, stats, [("conv9", "bn1")], eps=1e-5)
     with pytest.raises(KeyError, match="block/bn7"):
-        fold_batchnorms(params, stats, [("block/conv2", "block/bn7")])
+        fold_batchnorms(params, stats, [("block/conv2", "block/bn7")], eps=1e-5)
     # conv1 has 4 output channels, bn2 has 8.
     with pytest.raises(ValueError, match="4 output channels.*scale has shape \\(8,\\)"):
-        fold_batchnorms(params, stats, [("conv1", "block/bn2")])
+        fold_batchnorms(params, stats, [("conv1", "block/bn2")], eps=1e-5)
     with pytest.raises(ValueError, match="listed twice"):
-        fold_batchnorms(params, stats, [("conv1", "bn1"), ("conv1", "bn1")])
+        fold_batchnorms(params, stats, [("conv1", "bn1"), ("conv1", "bn1")], eps=1e-5)
     with pytest.raises(ValueError, match="track_running_stats"):
         bn_scale_shift({}, {})
     with pytest.raises(ValueError, match="layout 'OIHW'"):
         fold_into_kernel(jnp.ones((4, 5)), None, jnp.ones(5), jnp.ones(5), layout="OIHW")
     with pytest.raises(KeyError, match="pass kernel_key="):
-        fold_batchnorms(params, stats, [("fc", "bn1")], kernel_key="weight")
+        fold_batchnorms(params, stats, [("fc", "bn1")], eps=1e-5, kernel_key="weight")
 
 
 def test_fold_pytorch_layout_tree_from_a_state_dict():
@@ -223,7 +223,12 @@ def test_fold_pytorch_layout_tree_from_a_state_dict():
         )
 
     fp, fs = fold_batchnorms(
-        params, stats, [("conv1", "bn1"), ("conv2", "bn2")], layout="OIHW", kernel_key="weight"
+        params,
+        stats,
+        [("conv1", "bn1"), ("conv2", "bn2")],
+        eps=1e-5,
+        layout="OIHW",
+        kernel_key="weight",
     )
     assert fs == {} and set(fp) == {"conv1", "conv2", "fc"}
     np.testing.assert_allclose(forward(fp, fs, x), forward(params, stats, x), **TOL)
