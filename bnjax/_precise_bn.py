@@ -258,15 +258,18 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
 
     new = {p: acc[p].result(pooled, f"{who}: the BatchNorm at {name(p)}") for p in targets}
     new_stats = {
-        p: {
-            "running_mean": jnp.asarray(new[p][0], s["running_mean"].dtype),
-            "running_var": jnp.asarray(new[p][1], s["running_var"].dtype),
-            "num_batches_tracked": jnp.full(
+        # Other keys (Batch Renormalization's renorm_mean/renorm_std, training-time
+        # only) are kept as they are: precise BN recomputes what eval mode reads.
+        p: dict(
+            s,
+            running_mean=jnp.asarray(new[p][0], s["running_mean"].dtype),
+            running_var=jnp.asarray(new[p][1], s["running_var"].dtype),
+            num_batches_tracked=jnp.full(
                 np.shape(s["num_batches_tracked"]),
                 seen * acc[p].calls_per_batch(seen),
                 jnp.asarray(s["num_batches_tracked"]).dtype,
             ),
-        }
+        )
         for p, s in targets.items()
     }
     if kind == "nnx":
@@ -453,11 +456,12 @@ def _reset(batch_stats: Any, *, var: float) -> Any:
     def reset(node: Any) -> Any:
         if not is_stats(node):
             return node
-        return {
-            "running_mean": jnp.zeros_like(node["running_mean"]),
-            "running_var": jnp.full_like(node["running_var"], var),
-            "num_batches_tracked": jnp.zeros_like(node["num_batches_tracked"]),
-        }
+        return dict(
+            node,
+            running_mean=jnp.zeros_like(node["running_mean"]),
+            running_var=jnp.full_like(node["running_var"], var),
+            num_batches_tracked=jnp.zeros_like(node["num_batches_tracked"]),
+        )
 
     return jax.tree_util.tree_map(reset, batch_stats, is_leaf=is_stats)
 

@@ -248,3 +248,32 @@ def test_nnx_dropout_draws_fresh_masks_from_batch_to_batch():
     deploy.precise_bn(twice, [x, x], pooled=False, progress=False)
     # The same mask twice would average to the one-batch mean exactly.
     assert not np.array_equal(once.bn.running_mean[...], twice.bn.running_mean[...])
+
+
+def test_precise_bn_on_a_renorm_model_keeps_its_renorm_statistics():
+    """A Batch Renormalization layer is a BatchNorm to precise BN: its running statistics
+    are recomputed (float64 pooled reference) and `renorm_mean`/`renorm_std` kept."""
+    import flax.linen as nn
+
+    import bnjax.linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return bnjax.linen.BatchNorm(renorm=bnjax.Renorm(rmax=2.0, dmax=1.0))(x, train=train)
+
+    rng = np.random.default_rng(3)
+    batches = [jnp.asarray(rng.normal(2.0, 3.0, (n, 4)).astype(np.float32)) for n in (5, 9)]
+    model = Net()
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+    stats = dict(variables["batch_stats"]["BatchNorm_0"])
+    stats["renorm_std"] = stats["renorm_std"] * 2.0  # not the init value: must survive as is
+    variables = {**variables, "batch_stats": {"BatchNorm_0": stats}}
+    new = deploy.precise_bn(model, variables, batches, progress=False)
+    got = new["batch_stats"]["BatchNorm_0"]
+    assert set(got) == set(stats)
+    np.testing.assert_array_equal(got["renorm_std"], stats["renorm_std"])
+    np.testing.assert_array_equal(got["renorm_mean"], stats["renorm_mean"])
+    allx = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    np.testing.assert_allclose(got["running_mean"], allx.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got["running_var"], allx.var(0, ddof=1), rtol=1e-5)
