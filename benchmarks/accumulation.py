@@ -53,23 +53,28 @@ def init(key):
     return params, stats
 
 
+BN = bnjax.batch_norm()  # PyTorch's defaults: momentum 0.1, eps 1e-5
+
+
 def loss_fn(params, stats, batch):
+    """Returns `(loss, (new_stats, None, reports))`: the reports feed "corrected"/"full"."""
     x, y = batch
-    new = {}
+    new, reports = {}, {}
     for i in range(len(CHANNELS)):
         x = jax.lax.conv_general_dilated(
             x, params[f"conv{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        x, new[f"bn{i}"] = bnjax.apply(params[f"bn{i}"], stats[f"bn{i}"], x, True)
+        x, moments = BN.normalize(params[f"bn{i}"], stats[f"bn{i}"], x, True)
+        new[f"bn{i}"], reports[f"bn{i}"] = BN.update(stats[f"bn{i}"], moments), BN.report(moments)
         x = jax.nn.relu(x)
     logits = x.mean(axis=(1, 2)) @ params["fc"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (new, None)
+    return loss, (new, None, reports)
 
 
 def plain_step(optimizer):
     def step(params, stats, opt_state, batch):
-        (loss, (stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, batch)
+        (loss, (stats, *_)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
@@ -154,7 +159,7 @@ def bare_scan_step(optimizer):
     def step(params, stats, opt_state, batch):
         def body(carry, mb):
             grads_acc, s = carry
-            (loss, (s, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, s, mb)
+            (loss, (s, *_)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, s, mb)
             return (jax.tree.map(lambda a, b: a + b, grads_acc, g), s), loss
 
         zeros = jax.tree.map(lambda p: p * 0, params)
