@@ -235,9 +235,7 @@ def test_checkpoints_without_flax_say_which_extra(monkeypatch, tmp_path):
     _hide(monkeypatch, "flax")
     with pytest.raises(ModuleNotFoundError) as info:
         deploy.save_checkpoint(tmp_path / "ckpt", {"step": 0})
-    assert str(info.value) == (
-        'bnjax.deploy.save_checkpoint needs flax: pip install "bnjax[flax]"'
-    )
+    assert str(info.value) == ('bnjax.deploy.save_checkpoint needs flax: pip install "bnjax[flax]"')
 
 
 # --- the examples in the new docstrings run --------------------------------------------
