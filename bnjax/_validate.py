@@ -7,6 +7,7 @@ the caller's trees. Each message states the rule and the value that broke it.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,13 @@ def check_train(train: Any) -> bool:
         )
     if isinstance(train, (bool, np.bool_)):
         return bool(train)
+    if isinstance(train, (jax.Array, np.ndarray)) and np.shape(train) == ():
+        raise TypeError(
+            f"bnjax.apply: `train` must be a Python bool, got a concrete array {train!r}. "
+            "`train` picks the computation when it is traced, so an array cannot select "
+            "it: pass `train=True` / `train=False` (or `bool(train)`), and under "
+            "`jax.jit` mark it static: `jax.jit(f, static_argnames='train')`."
+        )
     raise TypeError(
         f"bnjax.apply: `train` must be a Python bool, got {type(train).__name__} {train!r}."
     )
@@ -87,7 +95,10 @@ def check_x(x: Any, *, allow_1d: bool) -> jax.Array:
     if x.ndim < min_ndim:
         raise ValueError(
             f"bnjax.apply: `x` must have at least 2 dimensions (a batch axis and a "
-            f"feature axis), got shape {tuple(x.shape)}."
+            f"feature axis), got shape {tuple(x.shape)}. Inside a per-example "
+            "`jax.vmap` each call sees one example: give the vmap an axis name and pass "
+            "it on, `jax.vmap(f, axis_name='batch')` with `bnjax.apply(..., "
+            "axis_name='batch')`, so the statistics are taken over the mapped batch."
         )
     return x
 
@@ -144,6 +155,56 @@ def check_params_keys(params: Any) -> None:
         f"(PyTorch's bias=False), or be {{}}; missing keys: {missing}, unexpected keys: "
         f"{extra}."
     )
+
+
+def feature_mismatch_hint(
+    x_shape: tuple[int, ...], axes: tuple[int, ...], feature_shape: tuple[int, ...]
+) -> str:
+    """A "did you mean `axis=...`?" for parameters whose size sits on another axis of `x`.
+
+    The usual cause is PyTorch's NCHW layout with bnjax's default `axis=-1`
+    (channels-last). The batch axis 0 is never suggested.
+
+    Args:
+      x_shape: the shape of `x`.
+      axes: the feature axes that were used (canonical, as from `normalize_axes`).
+      feature_shape: the shape of the per-feature arrays (`params['weight']` etc.).
+
+    Returns:
+      `" Did you mean `axis=1`? ..."` (with a leading space, to append to an error
+      message), or `""` when no other axis of `x` has that shape.
+
+    Example:
+      >>> from bnjax._validate import feature_mismatch_hint
+      >>> print(feature_mismatch_hint((8, 16, 10, 10), (3,), (16,)))
+       Did you mean `axis=1`? x's axis 1 has 16 entries (PyTorch's NCHW layout puts the
+      features there); pass `axis=1` explicitly.
+    """
+    ndim, feature_shape = len(x_shape), tuple(feature_shape)
+    k = len(feature_shape)
+    if not 0 < k < ndim:
+        return ""
+    candidates = [
+        c
+        for c in itertools.combinations(range(1, ndim), k)
+        if c != tuple(axes) and tuple(x_shape[a] for a in c) == feature_shape
+    ]
+    if not candidates:
+        return ""
+
+    def spell(c: tuple[int, ...]) -> str:
+        if len(c) == 1:
+            return f"axis={-1 if c[0] == ndim - 1 else c[0]}"
+        return f"axis={c}"
+
+    options = " or ".join(f"`{spell(c)}`" for c in candidates[:3])
+    first = candidates[0]
+    if k == 1:
+        where = f"axis {first[0]} has {x_shape[first[0]]} entries"
+    else:
+        where = f"axes {first} have sizes {tuple(x_shape[a] for a in first)}"
+    why = " (PyTorch's NCHW layout puts the features there)" if first == (1,) else ""
+    return f" Did you mean {options}? x's {where}{why}; pass `{spell(first)}` explicitly."
 
 
 def check_mask(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:

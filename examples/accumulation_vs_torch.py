@@ -118,7 +118,11 @@ def main() -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        print("PyTorch is not installed: nothing to compare against (pip install torch).")
+        print(
+            "PyTorch is not installed: nothing to compare against. Install the pinned CPU "
+            "build (an unpinned `pip install torch` pulls a multi-GB CUDA build):\n"
+            "  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+        )
         return 0
     x, y = data()
     init_sd, torch_losses, torch_final = torch_run(x, y)

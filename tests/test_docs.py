@@ -12,6 +12,7 @@ The convention (docs/contributing.md says it for authors):
     <!-- docs-test: requires torch -->   runs only where torch imports (skipped here
                                           otherwise; .ci/run runs it with torch==2.13.0)
     <!-- docs-test: skip REASON -->      never runs (say why: e.g. "needs 2 processes").
+- The README's links are absolute URLs (it is also rendered outside the repository).
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def test_markers_are_known() -> None:
             if "docs-test" in line and not _MARK.match(line.strip()):
                 bad.append(f"{page.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not bad, "unknown docs-test markers:\n" + "\n".join(bad)
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_readme_links_are_absolute() -> None:
+    """The README is also shown outside the repository (a package index page), where a
+    relative link (`docs/spec.md`) leads nowhere: every link is a full URL."""
+    text = (ROOT / "README.md").read_text()
+    relative = [t for t in _LINK.findall(text) if not t.startswith(("https://", "http://", "#"))]
+    assert not relative, f"README.md has relative links: {relative}"
 
 
 if os.environ.get("BNJAX_DOCS_LIST"):  # `BNJAX_DOCS_LIST=1 python tests/test_docs.py`
