@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from bnjax._extras import require
+
 FORMAT = "bnjax.checkpoint"
 VERSION = 1
 
@@ -64,7 +66,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Any, *, overwrite: bool
       >>> save_checkpoint("/tmp/ckpt.msgpack", state, overwrite=True)
       PosixPath('/tmp/ckpt.msgpack')
     """
-    serialization = _flax_serialization()
+    serialization = _flax_serialization("bnjax.deploy.save_checkpoint")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"save_checkpoint: {path} exists; pass overwrite=True to replace it.")
@@ -130,7 +132,7 @@ def restore_checkpoint(path: str | os.PathLike[str], target: Any) -> Any:
       >>> state["step"]
       7
     """
-    serialization = _flax_serialization()
+    serialization = _flax_serialization("bnjax.deploy.restore_checkpoint")
     path = Path(path)
     blob = path.read_bytes()
     try:
@@ -248,11 +250,6 @@ def _like(value: np.ndarray, leaf: Any) -> Any:
     return value
 
 
-def _flax_serialization() -> Any:
-    try:
-        from flax import serialization
-    except ImportError as e:  # pragma: no cover - flax is in the test extras
-        raise ImportError(
-            "bnjax checkpoints are written with flax.serialization: `pip install bnjax[flax]`."
-        ) from e
-    return serialization
+def _flax_serialization(by: str) -> Any:
+    """`flax.serialization`, or the one missing-extra message naming `by`."""
+    return require("flax.serialization", by=by)

@@ -26,6 +26,7 @@ from bnjax._validate import (
     check_params_keys,
     check_train,
     check_x,
+    feature_mismatch_hint,
     feature_shape_of,
     normalize_axes,
 )
@@ -469,6 +470,7 @@ def _check_tree_shapes(
                     f"bnjax.apply: {tree_name}['{key}'] has {size} features (shape {shape}) "
                     f"but x of shape {tuple(x_shape)} has {int(np.prod(features))} features "
                     f"(shape {features}) on axis {axes if len(axes) > 1 else axes[0]}."
+                    + feature_mismatch_hint(tuple(x_shape), axes, shape)
                 )
     if "num_batches_tracked" in batch_stats:
         nbt = batch_stats["num_batches_tracked"]

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 
 #: The extra that installs each optional top-level package (one spelling everywhere).
-EXTRAS = {"flax": "flax", "optax": "training", "tqdm": "deploy"}
+EXTRAS = MappingProxyType(
+    {"flax": "flax", "optax": "training", "tqdm": "deploy", "orbax": "deploy"}
+)
 
 
 def missing_extra_message(by: str, package: str, extra: str | None = None) -> str:

@@ -13,9 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import optax
 
 from bnjax._conventions import STAT_KEYS, is_batch_stats, to_plain_dict
+from bnjax._extras import needs
+
+with needs("bnjax.training", "optax"):
+    import optax
 
 PyTree = Any
 

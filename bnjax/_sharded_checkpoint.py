@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from bnjax._checkpoint import CheckpointError, _compare, _like
+from bnjax._extras import require
 
 FORMAT = "bnjax.sharded_checkpoint"
 VERSION = 1
@@ -285,13 +286,7 @@ def _barrier(name: str) -> None:
 
 
 def _orbax() -> Any:
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError as e:  # pragma: no cover - orbax is in the test extras
-        raise ImportError(
-            "bnjax sharded checkpoints are written with Orbax: `pip install orbax-checkpoint`."
-        ) from e
-    return ocp
+    return require("orbax.checkpoint", by="bnjax.deploy's sharded checkpoints")
 
 
 # --- fingerprints -------------------------------------------------------------------------

@@ -32,14 +32,13 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from bnjax import _core, _renorm
 from bnjax._conventions import STAT_KEYS
+from bnjax._extras import needs
 from bnjax._layer import (
     BatchNormConfig,
     check_shared_stats_write,
@@ -50,6 +49,10 @@ from bnjax._layer import (
 )
 from bnjax._report import REPORT_NAME
 from bnjax._validate import check_keys, feature_shape_of, normalize_axes
+
+with needs("bnjax.linen", "flax"):
+    import flax.linen as nn
+    from flax.core import meta
 
 Array = jax.Array
 Initializer = Callable[..., Array]

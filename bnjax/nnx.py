@@ -33,9 +33,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from bnjax import _core, _renorm
+from bnjax._extras import needs
 from bnjax._layer import (
     BatchNormConfig,
     check_shared_stats_write,
@@ -45,6 +45,9 @@ from bnjax._layer import (
     resolve_train,
 )
 from bnjax._report import REPORT_NAME
+
+with needs("bnjax.nnx", "flax"):
+    from flax import nnx
 
 Array = jax.Array
 Initializer = Callable[..., Array]

@@ -27,10 +27,10 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from bnjax import _policies
+from bnjax._extras import needs
 from bnjax._frozen import batchnorm_mask as batchnorm_mask
 from bnjax._frozen import freeze_batchnorm as freeze_batchnorm
 from bnjax._policies import StatsPolicy as StatsPolicy
@@ -38,6 +38,9 @@ from bnjax._policies import corrected as corrected
 from bnjax._policies import full as full
 from bnjax._policies import micro as micro
 from bnjax._report import collect_reports
+
+with needs("bnjax.training", "optax"):
+    import optax
 
 __all__ = [
     "StatsPolicy",

@@ -64,11 +64,6 @@ def test_feature_mismatch_hint_stays_silent_without_a_candidate(x_shape, axes, f
     assert feature_mismatch_hint(x_shape, axes, features) == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lead wires feature_mismatch_hint into _core._check_tree_shapes (issue 17); "
-    "remove this marker then",
-)
 def test_apply_with_nchw_input_suggests_axis_1():
     params, stats = bnjax.init(16)
     x = jnp.ones((8, 16, 10, 10))
@@ -195,11 +190,6 @@ def test_a_broken_install_is_not_reported_as_a_missing_extra(monkeypatch):
     assert "bnjax" not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lead wraps the optional imports of linen/nnx/training/_checkpoint in "
-    "bnjax._extras.needs/require (issue 17); remove this marker then",
-)
 @pytest.mark.parametrize(
     ("module", "hidden", "message"),
     [
@@ -224,11 +214,6 @@ def test_core_and_flax_free_submodules_import_without_flax_or_optax(monkeypatch)
         importlib.import_module(module)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lead makes _checkpoint._flax_serialization call bnjax._extras.require "
-    "(issue 17); remove this marker then",
-)
 def test_checkpoints_without_flax_say_which_extra(monkeypatch, tmp_path):
     from bnjax import deploy
 
