@@ -74,7 +74,7 @@ def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             if not _has(needed):
                 skipped += 1
                 continue
-        code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec")
+        code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec", dont_inherit=True)
         exec(code, namespace)  # noqa: S102 - running the docs is the point
         ran += 1
     assert ran or skipped, f"{page}: nothing ran"
