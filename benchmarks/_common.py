@@ -6,8 +6,16 @@ Import it before JAX: `pin_malloc()` must run before XLA allocates anything.
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
+import sys
 from collections.abc import Sequence
+
+# Benchmark the checkout the script lives in, not whichever bnjax is installed: a
+# script's own folder (benchmarks/) is first on sys.path, the repository root is not.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
 
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8

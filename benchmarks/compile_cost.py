@@ -1,0 +1,275 @@
+"""Where bnjax's compile time goes: HLO sizes, and compile time of variants of `_fused`.
+
+Usage (from the repository root):
+
+    python benchmarks/compile_cost.py --hlo               # deterministic: op counts only
+    python benchmarks/compile_cost.py --rounds 3          # + paired compile-time ratios
+    python benchmarks/compile_cost.py --model resnet18    # the same on the whole model
+
+Two kinds of measure:
+
+* Deterministic (`--hlo`): for one training forward, one training forward+backward and
+  (with `--model`) a whole training step, the size of the jaxpr, of the lowered
+  StableHLO and of XLA's optimized HLO (characters, fusions, conditionals,
+  computations), which do not depend on the machine's load.
+* Compile time (trace + lower + compile of a fresh closure, wall clock) of each
+  variant of `bnjax._fused` and of flax.linen, interleaved in rounds; reported as the
+  median of the per-round ratio to flax.linen (a loaded machine scales both).
+
+The variants patch `bnjax._fused` for the duration of one compile; `shipped` is the
+code as it is. The ones marked `(unsafe)` drop the large-mean precision and are
+bounds, not candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from _common import paired_median, pin_malloc
+
+pin_malloc()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.extend  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+import bnjax  # noqa: E402
+from bnjax import _core, _fused, _stats  # noqa: E402
+
+# ------------------------------------------------------------------------ variants
+
+
+def _raw_only(x, reduce_axes, n):
+    """(unsafe) E[x], E[x^2] - E[x]^2 without the guard: flax.linen's numerics."""
+    dtype = _stats.stats_dtype(x.dtype)
+    xf = x.astype(dtype)
+    mean = jnp.sum(xf, reduce_axes) / n
+    var = jnp.sum(xf * xf, reduce_axes) / n - mean * mean
+    return mean, jnp.maximum(var, 0)
+
+
+def _raw_mean_shifted_var(x, reduce_axes, n):
+    """E[x] from the raw sum; var from squares shifted by the first sample (no cond)."""
+    dtype = _stats.stats_dtype(x.dtype)
+    shift = lax.stop_gradient(_stats.sample_shift(x, reduce_axes, None).astype(dtype))
+    xf1, xf2 = _fused._upcasts(x, dtype, 2)
+    mean = jnp.sum(xf1, reduce_axes) / n
+    d = xf2 - _stats.per_feature(shift, reduce_axes)
+    dm = mean - shift
+    return mean, jnp.maximum(jnp.sum(d * d, reduce_axes) / n - dm * dm, 0)
+
+
+class _CpuOnlyLax:
+    """`lax` with `platform_dependent` resolved to its `cpu` branch at trace time."""
+
+    def __getattr__(self, name):
+        return getattr(lax, name)
+
+    @staticmethod
+    def platform_dependent(*args, cpu, default, **kw):
+        del default, kw
+        return cpu(*args)
+
+
+@contextlib.contextmanager
+def _patched(**attrs: Any) -> Iterator[None]:
+    old = {k: getattr(_fused, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(_fused, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(_fused, k, v)
+
+
+def _moments_with(fn: Callable) -> Callable:
+    def moments(x, reduce_axes):
+        n = 1
+        for a in reduce_axes:
+            n *= x.shape[a]
+        return fn(x, reduce_axes, n)
+
+    return moments
+
+
+def _autodiff_apply(params, batch_stats, x, train, **kw):
+    """bnjax.apply with the fused forward but JAX's autodiff (no custom_jvp)."""
+    del train, kw
+    reduce_axes = tuple(range(x.ndim - 1))
+    mean, var = _fused._moments(x, reduce_axes)
+    _, a = _stats.fold_scale(var, params.get("weight"), 1e-5)
+    y = _stats.affine(x, mean, a, params.get("bias"), reduce_axes)
+    m = _stats.Moments(mean=mean, var=var, count=x.size // x.shape[-1])
+    return y, _core.update_stats(batch_stats, m, momentum=0.1)
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "shipped": contextlib.nullcontext,
+    "no platform_dependent": lambda: _patched(lax=_CpuOnlyLax()),
+    "always shifted (no cond)": lambda: _patched(
+        _moments=_moments_with(_fused._first_sample_moments)
+    ),
+    "raw mean + shifted var": lambda: _patched(_moments=_moments_with(_raw_mean_shifted_var)),
+    "raw without guard (unsafe)": lambda: _patched(_moments=_moments_with(_raw_only)),
+}
+
+
+# ---------------------------------------------------------------------- workloads
+
+
+def bn_workload(kind: str, shape: tuple[int, ...], impl: str) -> tuple[Callable, tuple]:
+    """A per-op workload: `train_fwd` or `train_fwd_bwd`, for bnjax or flax.linen."""
+    x = jnp.ones(shape)
+    g = jnp.ones(shape)
+    c = shape[-1]
+    if impl == "flax.linen":
+        m = nn.BatchNorm(momentum=0.9)
+        v = m.init(jax.random.key(0), x, use_running_average=False)
+        p, s = v["params"], v["batch_stats"]
+
+        def f(p, x):
+            y, upd = m.apply(
+                {"params": p, "batch_stats": s}, x, use_running_average=False,
+                mutable=["batch_stats"],
+            )
+            return y, upd["batch_stats"]
+    else:
+        p, s = bnjax.init(c)
+        apply = _autodiff_apply if impl == "autodiff" else bnjax.apply
+
+        def f(p, x):
+            return apply(p, s, x, True, momentum=0.1)
+
+    if kind == "train_fwd":
+        return f, (p, x)
+
+    def fb(p, x, g):
+        y, vjp, aux = jax.vjp(f, p, x, has_aux=True)
+        return y, aux, vjp(g)
+
+    return fb, (p, x, g)
+
+
+def model_workload(impl: str, quick: bool) -> tuple[Callable, tuple]:
+    import models  # benchmarks/models.py
+
+    cfg = models.configs(quick=True)["resnet18"] if quick else models.configs(False)["resnet18"]
+    cfg = models.Config("resnet18", cfg.batch, cfg.image)
+    impls = models.build(cfg, jnp.dtype("float32"))
+    im = next(i for i in impls if i.name == ("flax.linen" if impl == "flax.linen" else "bnjax.linen"))
+    return im.train, (*im.state, im.batch)
+
+
+# ------------------------------------------------------------------------ measures
+
+
+def hlo_stats(fn: Callable, args: tuple) -> dict[str, int]:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    lowered = jax.jit(fn).lower(*args)
+    text = lowered.as_text()
+    hlo = lowered.compile().as_text()
+    entry = hlo[hlo.rfind("ENTRY") :]
+
+    def count_eqns(j) -> int:
+        n = 0
+        for e in j.eqns:
+            n += 1
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                n += count_eqns(sub)
+        return n
+
+    return {
+        "jaxpr eqns": count_eqns(jaxpr.jaxpr),
+        "stablehlo chars": len(text),
+        "stablehlo case": text.count("stablehlo.case"),
+        "hlo chars": len(hlo),
+        "hlo computations": hlo.count("\n%") + 1,
+        "entry fusions": entry.count(" fusion("),
+        "conditionals": hlo.count(" conditional("),
+    }
+
+
+def compile_once(fn: Callable, args: tuple) -> dict[str, float]:
+    t0 = time.perf_counter()
+    jax.make_jaxpr(lambda *a: fn(*a))(*args)
+    t1 = time.perf_counter()
+    lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
+    t2 = time.perf_counter()
+    lowered.compile()
+    t3 = time.perf_counter()
+    return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t1}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hlo", action="store_true", help="op counts only (no timing)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default=None, help="resnet18: a whole training step")
+    ap.add_argument("--quick", action="store_true", help="with --model: the quick size")
+    ap.add_argument("--shape", default="16,16,16,64")
+    ap.add_argument("--kinds", default="train_fwd,train_fwd_bwd")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+
+    def workloads() -> list[tuple[str, str, str]]:
+        if args.model:
+            return [(args.model, v, "bnjax") for v in variants] + [(args.model, "", "flax.linen")]
+        out = []
+        for kind in args.kinds.split(","):
+            out += [(kind, v, "bnjax") for v in variants]
+            if kind == "train_fwd_bwd":
+                out.append((kind, "shipped", "autodiff"))
+            out.append((kind, "", "flax.linen"))
+        return out
+
+    def make(kind: str, impl: str) -> tuple[Callable, tuple]:
+        if args.model:
+            return model_workload(impl, args.quick)
+        return bn_workload(kind, shape, impl)
+
+    rows = workloads()
+    print(f"jax {jax.__version__}; shape {shape}; {' '.join(sys.argv[1:])}")
+    if args.hlo:
+        for kind, v, impl in rows:
+            fn, a = make(kind, impl)
+            with VARIANTS.get(v, contextlib.nullcontext)():
+                st = hlo_stats(fn, a)
+            print(f"{kind:14s} {impl:10s} {v:26s} " + ", ".join(f"{k} {n}" for k, n in st.items()))
+        return
+
+    times: dict[tuple[str, str, str], list[dict[str, float]]] = {r: [] for r in rows}
+    built = {r: make(r[0], r[2]) for r in rows}
+    for r in rows:  # one warm-up compile each: first-use costs fall on nobody
+        with VARIANTS.get(r[1], contextlib.nullcontext)():
+            compile_once(*built[r])
+    for i in range(args.rounds):
+        order = rows[i % len(rows) :] + rows[: i % len(rows)]
+        for r in order:
+            with VARIANTS.get(r[1], contextlib.nullcontext)():
+                times[r].append(compile_once(*built[r]))
+    for kind, v, impl in rows:
+        ref = times[(kind, "", "flax.linen")]
+        mine = times[(kind, v, impl)]
+        med = {k: statistics.median(t[k] for t in mine) for k in ("trace", "lower", "compile")}
+        ratio = paired_median([t["total"] for t in mine], [t["total"] for t in ref])
+        tr = paired_median([t["trace"] for t in mine], [t["trace"] for t in ref])
+        print(
+            f"{kind:14s} {impl:10s} {v:26s} trace {med['trace']:.3f}s lower {med['lower']:.3f}s "
+            f"compile {med['compile']:.3f}s | lower+compile x flax.linen {ratio:.2f} "
+            f"(trace x{tr:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
