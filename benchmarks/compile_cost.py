@@ -138,7 +138,9 @@ def bn_workload(kind: str, shape: tuple[int, ...], impl: str) -> tuple[Callable,
 
         def f(p, x):
             y, upd = m.apply(
-                {"params": p, "batch_stats": s}, x, use_running_average=False,
+                {"params": p, "batch_stats": s},
+                x,
+                use_running_average=False,
                 mutable=["batch_stats"],
             )
             return y, upd["batch_stats"]
@@ -165,7 +167,9 @@ def model_workload(impl: str, quick: bool) -> tuple[Callable, tuple]:
     cfg = models.configs(quick=True)["resnet18"] if quick else models.configs(False)["resnet18"]
     cfg = models.Config("resnet18", cfg.batch, cfg.image)
     impls = models.build(cfg, jnp.dtype("float32"))
-    im = next(i for i in impls if i.name == ("flax.linen" if impl == "flax.linen" else "bnjax.linen"))
+    im = next(
+        i for i in impls if i.name == ("flax.linen" if impl == "flax.linen" else "bnjax.linen")
+    )
     return im.train, (*im.state, im.batch)
 
 

@@ -137,8 +137,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
-        x = nn.Conv(self.width, (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False,
-                    dtype=self.dtype)(x)
+        x = nn.Conv(
+            self.width, (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False, dtype=self.dtype
+        )(x)
         x = nn.relu(self.norm()(x, use_running_average=not train))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
         for i, n_blocks in enumerate(self.stages):
@@ -181,7 +182,7 @@ class Impl:
 
     name: str
     state: tuple  # (params, batch_stats, opt_state)
-    train: Callable  # (params, batch_stats, opt_state, batch) -> (params, batch_stats, opt_state, loss)
+    train: Callable  # (params, batch_stats, opt_state, batch) -> (..., loss)
     eval: Callable  # (params, batch_stats, x) -> logits
     batch: tuple  # (x, labels), or (k, ...) micro-batches for the accumulation step
     eval_x: jax.Array
@@ -460,8 +461,7 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
             ]
             if model.startswith("resnet"):
                 checks.append(
-                    ("train compile",
-                     paired_median(im.compile_train_s, ref.compile_train_s), 1.05)
+                    ("train compile", paired_median(im.compile_train_s, ref.compile_train_s), 1.05)
                 )
             for what, r, bound in checks:
                 verdict = "MET" if r <= bound else "missed"
@@ -536,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "models_results.md")
     cmd = " ".join([os.path.basename(sys.executable), "benchmarks/models.py", *sys.argv[1:]])
     sizes = ", ".join(
-        f"{c.name} batch {c.batch}" + (f" x {c.image}x{c.image}x3" if c.image else f" x {c.features}")
+        f"{c.name} batch {c.batch}"
+        + (f" x {c.image}x{c.image}x3" if c.image else f" x {c.features}")
         for c in cfgs.values()
     )
     body = [
@@ -544,8 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Machine: {machine_line()}.",
         "",
-        f"Start: {start}. End: {end} (`os.getloadavg()`; the machine has "
-        f"{os.cpu_count()} cores).",
+        f"Start: {start}. End: {end} (`os.getloadavg()`; the machine has {os.cpu_count()} cores).",
         "",
         f"Command: `{cmd}` ({rounds} interleaved rounds of ~{target_s * 1e3:.0f} ms per "
         f"implementation and workload; {compiles} fresh compiles of each training step). "
