@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -56,31 +57,46 @@ def _raw_only(x, reduce_axes, n):
     return mean, jnp.maximum(var, 0)
 
 
-def _raw_mean_shifted_var(x, reduce_axes, n):
-    """E[x] from the raw sum; var from squares shifted by the first sample (no cond)."""
+# The code before this benchmark's changes (commit 3d65c66), rebuilt on today's helpers:
+# on CPU the raw sums checked by a `lax.cond` that recomputes them shifted when some
+# mean^2 > 4 var, and every CPU/GPU choice a `lax.platform_dependent`.
+
+
+def _pd_split(v, k):
+    return lax.platform_dependent(
+        v, cpu=lambda v: lax.optimization_barrier((v,) * k), default=lambda v: (v,) * k
+    )
+
+
+def _guarded_raw_moments(x, reduce_axes, n):
     dtype = _stats.stats_dtype(x.dtype)
-    shift = lax.stop_gradient(_stats.sample_shift(x, reduce_axes, None).astype(dtype))
     xf1, xf2 = _fused._upcasts(x, dtype, 2)
     mean = jnp.sum(xf1, reduce_axes) / n
-    d = xf2 - _stats.per_feature(shift, reduce_axes)
-    dm = mean - shift
-    return mean, jnp.maximum(jnp.sum(d * d, reduce_axes) / n - dm * dm, 0)
+    var = jnp.sum(xf2 * xf2, reduce_axes) / n - mean * mean
+    ok = jnp.max(mean * mean - 4.0 * var) <= 0
+    return lax.cond(
+        ok,
+        lambda x, mean, var: (mean, jnp.maximum(var, 0)),
+        lambda x, mean, var: _fused._shifted_moments(x, lax.stop_gradient(mean), reduce_axes, n),
+        x,
+        mean,
+        var,
+    )
 
 
-class _CpuOnlyLax:
-    """`lax` with `platform_dependent` resolved to its `cpu` branch at trace time."""
+def _pd_moments(x, reduce_axes, n):
+    def shifted(x):
+        shift = _stats.sample_shift(x, reduce_axes, None).astype(_stats.stats_dtype(x.dtype))
+        return _fused._shifted_moments(x, lax.stop_gradient(shift), reduce_axes, n)
 
-    def __getattr__(self, name):
-        return getattr(lax, name)
-
-    @staticmethod
-    def platform_dependent(*args, cpu, default, **kw):
-        del default, kw
-        return cpu(*args)
+    return lax.platform_dependent(
+        x, cpu=lambda x: _guarded_raw_moments(x, reduce_axes, n), default=shifted
+    )
 
 
 @contextlib.contextmanager
 def _patched(**attrs: Any) -> Iterator[None]:
+    """`bnjax._fused` with some of its functions replaced, for one compile."""
     old = {k: getattr(_fused, k) for k in attrs}
     for k, v in attrs.items():
         setattr(_fused, k, v)
@@ -114,11 +130,10 @@ def _autodiff_apply(params, batch_stats, x, train, **kw):
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "shipped": contextlib.nullcontext,
-    "no platform_dependent": lambda: _patched(lax=_CpuOnlyLax()),
-    "always shifted (no cond)": lambda: _patched(
-        _moments=_moments_with(_fused._first_sample_moments)
+    "before: guard + platform_dependent": lambda: _patched(
+        _split=_pd_split, _moments=_moments_with(_pd_moments)
     ),
-    "raw mean + shifted var": lambda: _patched(_moments=_moments_with(_raw_mean_shifted_var)),
+    "guard (lax.cond) only": lambda: _patched(_moments=_moments_with(_guarded_raw_moments)),
     "raw without guard (unsafe)": lambda: _patched(_moments=_moments_with(_raw_only)),
 }
 
@@ -202,15 +217,36 @@ def hlo_stats(fn: Callable, args: tuple) -> dict[str, int]:
     }
 
 
-def compile_once(fn: Callable, args: tuple) -> dict[str, float]:
+def compile_once(fn: Callable, args: tuple) -> tuple[Any, dict[str, float]]:
+    """Compiled `fn` and the wall time of tracing alone, trace + lower, and compile."""
     t0 = time.perf_counter()
     jax.make_jaxpr(lambda *a: fn(*a))(*args)
     t1 = time.perf_counter()
     lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
     t2 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     t3 = time.perf_counter()
-    return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t1}
+    return compiled, {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t1}
+
+
+def run_rounds(calls: dict[Any, Callable[[], Any]], rounds: int, target_s: float) -> dict:
+    """Per-call seconds of each callable, `rounds` interleaved rounds of ~`target_s`."""
+    reps = {}
+    for key, call in calls.items():
+        for _ in range(2):
+            jax.block_until_ready(call())
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        reps[key] = max(1, min(200, int(target_s / max(time.perf_counter() - t0, 1e-6))))
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    keys = list(calls)
+    for i in range(rounds):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            t0 = time.perf_counter()
+            for _ in range(reps[key]):
+                jax.block_until_ready(calls[key]())
+            times[key].append((time.perf_counter() - t0) / reps[key])
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", default="16,16,16,64")
     ap.add_argument("--kinds", default="train_fwd,train_fwd_bwd")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--run", type=int, default=0, help="also time the calls: this many rounds")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
@@ -249,19 +286,24 @@ def main(argv: list[str] | None = None) -> None:
             fn, a = make(kind, impl)
             with VARIANTS.get(v, contextlib.nullcontext)():
                 st = hlo_stats(fn, a)
-            print(f"{kind:14s} {impl:10s} {v:26s} " + ", ".join(f"{k} {n}" for k, n in st.items()))
+            print(f"{kind:14s} {impl:10s} {v:34s} " + ", ".join(f"{k} {n}" for k, n in st.items()))
         return
 
     times: dict[tuple[str, str, str], list[dict[str, float]]] = {r: [] for r in rows}
     built = {r: make(r[0], r[2]) for r in rows}
+    compiled = {}
     for r in rows:  # one warm-up compile each: first-use costs fall on nobody
         with VARIANTS.get(r[1], contextlib.nullcontext)():
-            compile_once(*built[r])
+            compiled[r], _ = compile_once(*built[r])
     for i in range(args.rounds):
         order = rows[i % len(rows) :] + rows[: i % len(rows)]
         for r in order:
             with VARIANTS.get(r[1], contextlib.nullcontext)():
-                times[r].append(compile_once(*built[r]))
+                times[r].append(compile_once(*built[r])[1])
+    run = {}
+    if args.run:
+        calls = {r: functools.partial(compiled[r], *built[r][1]) for r in rows}
+        run = run_rounds(calls, args.run, 0.1 if args.model else 0.03)
     for kind, v, impl in rows:
         ref = times[(kind, "", "flax.linen")]
         mine = times[(kind, v, impl)]
@@ -269,9 +311,15 @@ def main(argv: list[str] | None = None) -> None:
         ratio = paired_median([t["total"] for t in mine], [t["total"] for t in ref])
         tr = paired_median([t["trace"] for t in mine], [t["trace"] for t in ref])
         print(
-            f"{kind:14s} {impl:10s} {v:26s} trace {med['trace']:.3f}s lower {med['lower']:.3f}s "
+            f"{kind:14s} {impl:10s} {v:34s} trace {med['trace']:.3f}s lower {med['lower']:.3f}s "
             f"compile {med['compile']:.3f}s | lower+compile x flax.linen {ratio:.2f} "
             f"(trace x{tr:.2f})"
+            + (
+                f" | run {statistics.median(run[(kind, v, impl)]) * 1e3:.3f} ms, x flax.linen "
+                f"{paired_median(run[(kind, v, impl)], run[(kind, '', 'flax.linen')]):.3f}"
+                if run
+                else ""
+            )
         )
 
 
