@@ -191,6 +191,24 @@ def model_workload(impl: str, quick: bool) -> tuple[Callable, tuple]:
 # ------------------------------------------------------------------------ measures
 
 
+def _python_calls(fn: Callable, args: tuple) -> int:
+    """Python function calls made while tracing `fn` (a load-independent trace cost)."""
+    jax.make_jaxpr(lambda *a: fn(*a))(*args)  # warm JAX's own caches first
+    calls = [0]
+
+    def count(frame, event, arg):
+        del frame, arg
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(count)
+    try:
+        jax.make_jaxpr(lambda *a: fn(*a))(*args)
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
 def hlo_stats(fn: Callable, args: tuple) -> dict[str, int]:
     jaxpr = jax.make_jaxpr(fn)(*args)
     lowered = jax.jit(fn).lower(*args)
@@ -207,6 +225,7 @@ def hlo_stats(fn: Callable, args: tuple) -> dict[str, int]:
         return n
 
     return {
+        "trace python calls": _python_calls(fn, args),
         "jaxpr eqns": count_eqns(jaxpr.jaxpr),
         "stablehlo chars": len(text),
         "stablehlo case": text.count("stablehlo.case"),
