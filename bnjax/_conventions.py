@@ -34,15 +34,14 @@ def is_batch_stats(node: Any) -> bool:
 def to_plain_dict(tree: Any) -> Any:
     """Nested plain `dict`s from any nesting of mappings (`FrozenDict`, `nnx.State`).
 
-    Leaves (and non-mapping containers) are returned as they are; the input is not
-    modified. An `nnx.State` is read through its `to_pure_dict`, so nnx `Variable`
-    boxes become their values.
+    Leaves (and non-mapping containers) are returned as they are, except nnx
+    `Variable` boxes, which become their values; the input is not modified.
     """
-    to_pure = getattr(tree, "to_pure_dict", None)
-    if callable(to_pure):
-        tree = to_pure()
     if isinstance(tree, Mapping):
         return {k: to_plain_dict(v) for k, v in tree.items()}
+    get_value = getattr(tree, "get_value", None)  # an nnx Variable
+    if callable(get_value):
+        return to_plain_dict(get_value())
     return tree
 
 

@@ -339,11 +339,16 @@ def update_stats(
     new_count = count + jnp.ones((), count.dtype)
     rm, rv = batch_stats["running_mean"], batch_stats["running_var"]
     stat_dtype = jnp.promote_types(rm.dtype, jnp.float32)
+    # Stacked layers (`nn.scan`/`nn.vmap` over layers): counts have the leading axes
+    # only; they broadcast against the features' axes that follow.
+    lead = jnp.ndim(count)
     if momentum is None:
-        m = 1.0 / new_count.astype(stat_dtype)
+        m = _trailing(1.0 / new_count.astype(stat_dtype), rm.ndim - lead if lead else 0)
     else:
         m = jnp.asarray(momentum, stat_dtype)
     n = moments.count
+    if not isinstance(n, int) and jnp.ndim(n) > 0:
+        n = _trailing(jnp.asarray(n), rm.ndim - jnp.ndim(n))
     # Unbiased variance: var * n / (n - 1). Guarded so that n < 2 never divides by 0.
     n_safe = jnp.maximum(n, 2).astype(stat_dtype)
     unbiased = moments.var.astype(stat_dtype) * (n_safe / (n_safe - 1))
@@ -358,6 +363,11 @@ def update_stats(
         "running_var": new_rv.astype(rv.dtype),
         "num_batches_tracked": new_count,
     }
+
+
+def _trailing(v: Array, k: int) -> Array:
+    """`v` with `k` trailing axes of size 1 (to broadcast over the features' axes)."""
+    return jnp.reshape(v, jnp.shape(v) + (1,) * k) if k > 0 else v
 
 
 def _feature_shape_from_num_features(num_features: int | Sequence[int]) -> tuple[int, ...]:

@@ -260,3 +260,33 @@ def resolve_train(
             f"`model.train()` / `model.eval()` in nnx), got {mode!r}."
         )
     return not bool(mode)
+
+
+def check_shared_stats_write(who: str, old: Any, new: Any) -> None:
+    """Refuses to write per-member statistics into statistics shared across a `vmap`.
+
+    Under `nn.vmap`/`nnx.vmap` with the statistics not mapped (`variable_axes` None,
+    `in_axes=None` for the state) and no `axis_name`, each member computes its own
+    batch statistics, which cannot be stored in the one shared copy (flax#4760);
+    JAX would fail later with "vmap has mapped output ... but out_axes is None".
+    """
+    try:
+        from jax._src.interpreters import batching
+    except ImportError:  # pragma: no cover - a JAX without this module: no check
+        return
+    tracer = getattr(batching, "BatchTracer", None)
+
+    def mapped(v: Any) -> bool:
+        return tracer is not None and isinstance(v, tracer) and isinstance(v.batch_dim, int)
+
+    if not mapped(new) or (mapped(old) and old._trace is new._trace):
+        return  # nothing per member, or the statistics are mapped too (one copy each)
+    raise ValueError(
+        f"{who}: under `vmap` each member computes its own batch statistics, but the "
+        "running statistics are one copy shared by all members (not mapped), so they "
+        "cannot be written back (flax#4760). Either synchronize them: pass the vmap's "
+        "axis name, `BatchNorm(..., axis_name=...)` (PyTorch's SyncBatchNorm: every "
+        "member normalizes with the statistics of the whole batch); or keep one copy per "
+        "member: map the statistics too (`nn.vmap(..., variable_axes={'batch_stats': 0})`, "
+        "or split the BatchStat state with `in_axes=0` in `nnx.vmap`)."
+    )

@@ -166,10 +166,16 @@ def check_mask(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> ja
     except ValueError:
         ok = False
     if not ok:
+        hint = ""
+        if mask.ndim == len(x_shape) and all(mask.shape[a] == 1 for a in axes):
+            hint = (
+                " (Flax's mask has x's rank; here the feature axes are left out: "
+                f"`jnp.squeeze(mask, {axes if len(axes) > 1 else axes[0]})`.)"
+            )
         raise ValueError(
             f"bnjax.apply: `mask` must have x's shape without the feature axes, "
             f"{expected} for x of shape {tuple(x_shape)} and feature axes {axes}, or "
             f"broadcast to it (e.g. {expected[:1] + (1,) * (len(expected) - 1)} to drop "
-            f"whole samples); got mask of shape {tuple(mask.shape)}."
+            f"whole samples); got mask of shape {tuple(mask.shape)}.{hint}"
         )
     return jnp.broadcast_to(mask, expected)

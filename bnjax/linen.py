@@ -34,7 +34,12 @@ from flax.core import meta
 
 from bnjax import _core
 from bnjax._conventions import STAT_KEYS
-from bnjax._layer import BatchNormConfig, param_keys, resolve_train
+from bnjax._layer import (
+    BatchNormConfig,
+    check_shared_stats_write,
+    param_keys,
+    resolve_train,
+)
 from bnjax._report import REPORT_NAME, make_report
 from bnjax._validate import check_keys, feature_shape_of, normalize_axes
 
@@ -205,6 +210,11 @@ class BatchNorm(nn.Module):
         # statistics at their initial values. Running statistics are buffers:
         # no gradient flows into them, as under PyTorch's `no_grad` update.
         if train and variables and not initializing:
+            check_shared_stats_write(
+                f"bnjax.linen.BatchNorm at '{self._path()}'",
+                batch_stats["running_mean"],
+                new_batch_stats["running_mean"],
+            )
             for name, var in variables.items():
                 var.value = jax.lax.stop_gradient(new_batch_stats[name])
         return y

@@ -30,7 +30,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnjax import _core
-from bnjax._layer import BatchNormConfig, layer_from_config, param_keys, resolve_train
+from bnjax._layer import (
+    BatchNormConfig,
+    check_shared_stats_write,
+    layer_from_config,
+    param_keys,
+    resolve_train,
+)
 from bnjax._report import REPORT_NAME, make_report
 
 Array = jax.Array
@@ -243,6 +249,9 @@ class BatchNorm(nnx.Module):
         if hasattr(self, "__captures__"):
             self.sow(Reports, REPORT_NAME, make_report(moments, self.config))
         if train and stats:
+            check_shared_stats_write(
+                "bnjax.nnx.BatchNorm", stats["running_mean"], new_stats["running_mean"]
+            )
             # Running statistics are buffers: no gradient flows into them (PyTorch
             # updates them under `no_grad`).
             self.running_mean[...] = jax.lax.stop_gradient(new_stats["running_mean"])

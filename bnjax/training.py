@@ -5,16 +5,19 @@ normalized with its own statistics, and the running statistics move once per
 micro-batch, not once per optimizer step. `make_train_step` builds one pure step
 that runs k micro-batches under a single `lax.scan`, threads `batch_stats` through
 them in order, reduces the gradients and applies one optax update, with a
-documented choice of how the running statistics treat the micro-batches:
+documented choice of how the running statistics treat the micro-batches, a
+`StatsPolicy` (a NamedTuple of pure `init`/`update`/`finish` functions):
 
-| stats_policy  | running statistics after one step of k micro-batches             |
-|---------------|------------------------------------------------------------------|
-| `"micro"`     | k updates with the layer's momentum m (PyTorch's loop)           |
-| `"corrected"` | k updates with m_k = 1 - (1 - m)^(1/k): old stats decay as once  |
-| `"full"`      | 1 update with the pooled mean and unbiased variance of all k*B   |
+| stats_policy               | running statistics after one step of k micro-batches |
+|----------------------------|-------------------------------------------------------|
+| `"micro"` / `micro()`      | k updates with the layer's momentum m (PyTorch's loop) |
+| `"corrected"`/`corrected()`| k updates with m_k = 1 - (1 - m)^(1/k): decay as once |
+| `"full"` / `full()`        | 1 update with the pooled mean and unbiased variance of all k*B |
 
 The forward pass always normalizes each micro-batch with its own batch statistics.
-See docs/accumulation.md.
+`"corrected"` and `"full"` read each BatchNorm's momentum and batch moments from the
+`bnjax.BatchNormReport`s that `loss_fn` returns (see `make_train_step`).
+Frozen BatchNorm: `freeze_batchnorm`, `batchnorm_mask`. See docs/accumulation.md.
 """
 
 from __future__ import annotations
@@ -27,24 +30,32 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from bnjax import _accumulate
+from bnjax import _policies
+from bnjax._frozen import batchnorm_mask as batchnorm_mask
+from bnjax._frozen import freeze_batchnorm as freeze_batchnorm
+from bnjax._policies import StatsPolicy as StatsPolicy
+from bnjax._policies import corrected as corrected
+from bnjax._policies import full as full
+from bnjax._policies import micro as micro
+from bnjax._report import collect_reports
 
 __all__ = [
+    "StatsPolicy",
     "StepMetrics",
     "batchnorm_mask",
+    "corrected",
     "corrected_momentum",
     "freeze_batchnorm",
+    "full",
     "make_train_step",
+    "micro",
     "split_micro_batches",
 ]
 
 PyTree = Any
-LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, tuple[PyTree, PyTree]]]
-StatsPolicy = Literal["micro", "corrected", "full"]
+LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, tuple[PyTree, ...]]]
 
-_POLICIES = ("micro", "corrected", "full")
 _REDUCTIONS = ("mean", "sum")
-_STAT_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
 class StepMetrics(NamedTuple):
@@ -78,7 +89,7 @@ def corrected_momentum(momentum: float, accum_steps: int) -> float:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}.")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}.")
-    return _accumulate.corrected_momentum(float(momentum), accum_steps)
+    return _policies.corrected_momentum(float(momentum), accum_steps)
 
 
 def split_micro_batches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -125,7 +136,7 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     grad_reduction: Literal["mean", "sum"] = "mean",
-    stats_policy: StatsPolicy = "micro",
+    stats_policy: Literal["micro", "corrected", "full"] | StatsPolicy = "micro",
     unroll: int | bool = 1,
 ) -> Callable[[PyTree, PyTree, PyTree, PyTree], tuple[PyTree, PyTree, PyTree, StepMetrics]]:
     r"""Builds a pure training step that accumulates k micro-batches under one `lax.scan`.
@@ -138,7 +149,7 @@ def make_train_step(
     $$g = \frac{1}{k}\sum_{i=1}^{k} \nabla_\theta L_i \quad (\text{or } \sum_i \text{ for "sum"})$$
 
     How the running statistics treat the micro-batches (`m` is each BatchNorm's own
-    momentum, as `bnjax.apply` was called inside `loss_fn`):
+    momentum):
 
     - `"micro"`: each micro-batch updates them with m, as a PyTorch loop that calls
       the model k times per `optimizer.step()` does. `num_batches_tracked += k`.
@@ -150,16 +161,25 @@ def make_train_step(
       whose inputs do not depend on the normalization, e.g. the first BatchNorm).
       Each micro-batch still normalizes with its own statistics. `num_batches_tracked
       += 1`. `momentum=None` (cumulative average) counts the step once.
+    - a `StatsPolicy` of your own (see `micro`, `corrected`, `full`).
 
-    For `"corrected"` and `"full"` the step learns each BatchNorm's momentum and count
-    n (values per feature) while tracing `loss_fn`, so `loss_fn` needs no changes,
-    but each BatchNorm must read its statistics straight from the `batch_stats`
-    passed in (not copied or cast, no `jax.vmap`/`jax.checkpoint` around it inside
-    `loss_fn`), return its new ones at the same path, and update once per
-    micro-batch. Leaves of `batch_stats` not written by
-    `bnjax.apply` in training mode (eval-mode BatchNorm, other state) are threaded
-    as `loss_fn` returns them, whatever the policy. With `accum_steps=1` every policy
-    is the plain step.
+    `"corrected"` and `"full"` read each BatchNorm's momentum and batch moments from
+    its `bnjax.BatchNormReport`, which `loss_fn` returns as a third element of its
+    aux, aligned with `batch_stats` (the Flax collections as they come are fine):
+
+    - linen: `y, updates = model.apply(variables, x, train=True,
+      mutable=["batch_stats", bnjax.linen.REPORTS])`, then return
+      `(updates["batch_stats"], aux, updates[bnjax.linen.REPORTS])`; inside
+      `nn.scan`/`nn.vmap`, give `bnjax.linen.REPORTS` the same `variable_axes` as
+      `"batch_stats"`;
+    - nnx: `y, reports = nnx.capture(model, bnjax.nnx.Reports)(x)`;
+    - functional: `bn = bnjax.batch_norm(...)`, `y, moments = bn.normalize(p, s, x,
+      True)`, `new_s = bn.update(s, moments)`, report `bn.report(moments)` at the
+      layer's path (`bn.report(None)` for a layer in eval mode).
+
+    Leaves of `batch_stats` that are no BatchNorm's statistics are threaded as
+    `loss_fn` returns them, whatever the policy. With `accum_steps=1` every policy is
+    the plain step (reports are not needed).
 
     Relation to `optax.MultiSteps`: MultiSteps accumulates *across calls* (one
     micro-batch per call, an update every k-th call, gradients kept in the optimizer
@@ -170,13 +190,14 @@ def make_train_step(
 
     Args:
       loss_fn: `loss_fn(params, batch_stats, micro_batch) -> (loss, (new_batch_stats,
-        aux))`, with BatchNorm in training mode; `loss` a scalar, `new_batch_stats`
-        with `batch_stats`' structure, shapes and dtypes.
+        aux))` or `(loss, (new_batch_stats, aux, reports))`, with BatchNorm in
+        training mode; `loss` a scalar, `new_batch_stats` with `batch_stats`'
+        structure, shapes and dtypes (a dict, `FrozenDict` or `nnx.State`).
       optimizer: an optax `GradientTransformation`, applied once per step.
       accum_steps: the number of micro-batches k per optimizer step, >= 1.
       grad_reduction: `"mean"` (default) divides the summed gradients by k;
         `"sum"` matches a PyTorch loop calling `backward()` on each unscaled loss.
-      stats_policy: `"micro"` (default), `"corrected"` or `"full"`, see above.
+      stats_policy: `"micro"` (default), `"corrected"`, `"full"`, or a `StatsPolicy`.
       unroll: forwarded to `lax.scan`. Keep the default 1 (one compiled body) except
         on XLA:CPU with convolutions, whose kernel gradients run far slower inside a
         loop body there (jax-ml/jax#12868): `unroll=True` copies the body k times,
@@ -191,16 +212,18 @@ def make_train_step(
     Raises:
       ValueError: bad `accum_steps`, `grad_reduction` or `stats_policy` (when
         called); when tracing the step, a batch whose leading axes are not k, a
-        `loss_fn` whose statistics change structure, shape or dtype, or (for
-        `"corrected"`/`"full"`) statistics that cannot be traced back to
-        `bnjax.apply`, and `"corrected"` with `momentum=None`.
+        `loss_fn` whose statistics change structure, shape or dtype, and (for
+        `"corrected"`/`"full"`) a `loss_fn` that returns no report for a
+        BatchNorm, a layer updated twice per micro-batch, and `"corrected"` with
+        `momentum=None`.
 
     Example:
       >>> import jax, optax
+      >>> bn = bnjax.batch_norm(momentum=0.1)
       >>> def loss_fn(params, batch_stats, batch):
-      ...     y, stats = bnjax.apply(params, batch_stats, batch, train=True)
-      ...     return jnp.mean(y**2), (stats, None)
-      >>> params, batch_stats = bnjax.init(3)
+      ...     y, moments = bn.normalize(params, batch_stats, batch, train=True)
+      ...     return jnp.mean(y**2), (bn.update(batch_stats, moments), None, bn.report(moments))
+      >>> params, batch_stats = bn.init(3)
       >>> opt = optax.sgd(0.1)
       >>> step = jax.jit(bnjax.training.make_train_step(
       ...     loss_fn, opt, accum_steps=4, stats_policy="full"))
@@ -215,72 +238,43 @@ def make_train_step(
         raise ValueError(
             f"bnjax.training: grad_reduction must be one of {_REDUCTIONS}, got {grad_reduction!r}."
         )
-    if stats_policy not in _POLICIES:
-        raise ValueError(
-            f"bnjax.training: stats_policy must be one of {_POLICIES}, got {stats_policy!r}."
-        )
+    policy = _policies.resolve(stats_policy)
     k = accum_steps
-    policy = "micro" if k == 1 else stats_policy
+    if k == 1:  # one micro-batch: every policy is the plain step
+        policy = _policies.micro()
 
     def step(params, batch_stats, opt_state, batch):
         _check_batch(batch, k)
-        s0, stats_def = jax.tree.flatten(batch_stats)
-        static: dict[str, Any] = {}  # filled while tracing: the layers (static info)
+        view = _PlainView(batch_stats)
+        s0 = view.plain(jax.tree.leaves(batch_stats))
 
-        def traced_loss(p, stats_leaves, micro_batch):
-            stats = jax.tree.unflatten(stats_def, stats_leaves)
-            if policy == "micro":
-                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch)
-                new_leaves = _check_new_stats(new_stats, stats_def, stats_leaves)
-                return loss, (new_leaves, aux, [])
-            with _accumulate.observe_updates() as records:
-                loss, (new_stats, aux) = loss_fn(p, stats, micro_batch)
-            new_leaves = _check_new_stats(new_stats, stats_def, stats_leaves)
-            layers, counts = _accumulate.match_layers(records, stats_leaves, policy)
-            if policy == "corrected":
-                _accumulate.check_corrected(layers)
-            static["layers"] = layers
-            counts = [jnp.asarray(c, jnp.int32) for c in counts]
-            return loss, (new_leaves, aux, counts)
+        def traced_loss(p, stats_plain, micro_batch):
+            loss, out = loss_fn(p, view.user(stats_plain), micro_batch)
+            new_stats, aux, reports = _unpack_aux(out)
+            new_leaves = _check_new_stats(new_stats, view.treedef, view.leaves(stats_plain))
+            if reports is not None:
+                reports = collect_reports(reports)
+            return loss, (view.plain(new_leaves), aux, reports)
 
         grad_fn = jax.value_and_grad(traced_loss, has_aux=True)
-
-        # Probe once (abstractly, no compute) for the layers, to size the "full" sums.
-        if policy == "full":
-            jax.eval_shape(grad_fn, params, s0, jax.tree.map(lambda x: x[0], batch))
-        layers = static.get("layers", [])
-
         grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, _acc_dtype(p.dtype)), params)
-        pool0 = _accumulate.pool_init(s0, layers) if policy == "full" else None
+        state0 = policy.init(s0, k)
 
         def body(carry, micro_batch):
-            grads_acc, stats_in, pool = carry
-            (loss, (out, aux, counts)), grads = grad_fn(params, stats_in, micro_batch)
+            grads_acc, stats_in, state = carry
+            (loss, (stats_out, aux, reports)), grads = grad_fn(params, stats_in, micro_batch)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
-            if policy == "micro":
-                stats_next = out
-            elif policy == "corrected":
-                stats_next = _accumulate.corrected_update(stats_in, out, static["layers"], k)
-            else:  # "full": recorded layers restart from s0; sums carry the rest.
-                stats_next = list(out)
-                for layer in static["layers"]:
-                    for i in (layer.mean, layer.var, layer.nbt):
-                        stats_next[i] = s0[i]
-                pool = _accumulate.pool_add(pool, s0, out, static["layers"], counts)
-            return (grads_acc, stats_next, pool), (loss, aux)
+            stats_next, state = policy.update(state, stats_in, stats_out, reports, k)
+            return (grads_acc, stats_next, state), (loss, aux, reports)
 
         if k == 1:  # the plain step: no loop at all
-            carry, ys = body((grads0, list(s0), pool0), jax.tree.map(lambda a: a[0], batch))
-            (grads_sum, stats_out, pool), (losses, auxes) = (
-                carry,
-                jax.tree.map(lambda a: jnp.expand_dims(a, 0), ys),
-            )
+            carry, ys = body((grads0, s0, state0), jax.tree.map(lambda a: a[0], batch))
+            ys = jax.tree.map(lambda a: jnp.expand_dims(a, 0), ys)
         else:
-            (grads_sum, stats_out, pool), (losses, auxes) = lax.scan(
-                body, (grads0, list(s0), pool0), batch, length=k, unroll=unroll
-            )
-        if policy == "full":
-            stats_out = _accumulate.pool_finish(pool, stats_out, layers)
+            carry, ys = lax.scan(body, (grads0, s0, state0), batch, length=k, unroll=unroll)
+        grads_sum, stats_last, state = carry
+        losses, auxes, reports = ys
+        new_stats = policy.finish(state, s0, stats_last, reports, k)
 
         scale = 1.0 / k if grad_reduction == "mean" else 1.0
         grads = jax.tree.map(
@@ -288,103 +282,9 @@ def make_train_step(
         )
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        new_batch_stats = jax.tree.unflatten(stats_def, stats_out)
-        return new_params, new_batch_stats, new_opt_state, StepMetrics(losses, auxes)
+        return new_params, view.user(new_stats), new_opt_state, StepMetrics(losses, auxes)
 
     return step
-
-
-def batchnorm_mask(params: PyTree, batch_stats: PyTree) -> PyTree:
-    """Marks the BatchNorm parameters of `params`, found through `batch_stats`.
-
-    A BatchNorm is a dict of `batch_stats` with keys `running_mean`, `running_var`,
-    `num_batches_tracked`; the parameters at the same path in `params` (its `weight`
-    and `bias`) are marked True, every other leaf False. This holds for the
-    functional convention (`params["block"]["bn"]` beside
-    `batch_stats["block"]["bn"]`) and for Flax collections.
-
-    Args:
-      params: the model's parameters.
-      batch_stats: the model's BatchNorm statistics, at the same paths.
-
-    Returns:
-      A tree of Python bools with `params`' structure, for `optax.masked`.
-
-    Raises:
-      ValueError: `batch_stats` holds no BatchNorm statistics.
-
-    Example:
-      >>> p, s = bnjax.init(3)
-      >>> bnjax.training.batchnorm_mask({"bn": p, "w": jnp.ones(2)}, {"bn": s})
-      {'bn': {'bias': True, 'weight': True}, 'w': False}
-    """
-    bn_paths = set()
-
-    def visit(path, node):
-        if isinstance(node, dict) and _STAT_KEYS <= set(node):
-            bn_paths.add(path)
-            return
-        if isinstance(node, dict):
-            for key, child in node.items():
-                visit((*path, key), child)
-
-    visit((), _as_dict(batch_stats))
-    if not bn_paths:
-        raise ValueError(
-            "bnjax.training.batchnorm_mask: batch_stats holds no BatchNorm statistics "
-            f"(no dict with keys {sorted(_STAT_KEYS)})."
-        )
-
-    def is_bn(path, _leaf):
-        keys = tuple(getattr(entry, "key", getattr(entry, "name", entry)) for entry in path)
-        return any(keys[: len(bn)] == bn for bn in bn_paths)
-
-    return jax.tree_util.tree_map_with_path(is_bn, params)
-
-
-def freeze_batchnorm(
-    optimizer: optax.GradientTransformation, params: PyTree, batch_stats: PyTree
-) -> optax.GradientTransformation:
-    """Wraps `optimizer` so that BatchNorm parameters never change ("frozen BN").
-
-    BatchNorm weights get zero updates and no optimizer state (as PyTorch parameters
-    with `requires_grad=False`: no momentum, no weight decay); every other parameter
-    is updated by `optimizer`. Pair it with a `loss_fn` that calls BatchNorm with
-    `train=False`, so the running statistics are used and left bit-identical.
-
-    Args:
-      optimizer: the optax transformation for the trainable parameters.
-      params: the model's parameters (only their structure is used).
-      batch_stats: the model's BatchNorm statistics, at the same paths as
-        their parameters (see `batchnorm_mask`).
-
-    Returns:
-      An `optax.multi_transform` of `optimizer` and `optax.set_to_zero()`.
-
-    Raises:
-      ValueError: `batch_stats` holds no BatchNorm statistics.
-
-    Example:
-      >>> import jax, optax
-      >>> p, s = bnjax.init(3)
-      >>> params, batch_stats = {"bn": p, "w": jnp.ones(3)}, {"bn": s}
-      >>> opt = bnjax.training.freeze_batchnorm(optax.sgd(0.1), params, batch_stats)
-      >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, _ = opt.update(grads, opt.init(params), params)
-      >>> updates["bn"]["weight"]
-      Array([0., 0., 0.], dtype=float32)
-    """
-    labels = jax.tree.map(
-        lambda frozen: "frozen" if frozen else "train", batchnorm_mask(params, batch_stats)
-    )
-    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
-
-
-def _as_dict(tree: PyTree) -> Any:
-    """Plain nested dicts (Flax FrozenDicts and other mappings become dicts)."""
-    if hasattr(tree, "items"):
-        return {k: _as_dict(v) for k, v in tree.items()}
-    return tree
 
 
 def _acc_dtype(dtype: Any) -> Any:
@@ -405,6 +305,72 @@ def _check_batch(batch: PyTree, k: int) -> None:
             f"every leaf with a leading axis of size {k}; got leaf shapes {shapes}. "
             "Split a flat batch with `bnjax.training.split_micro_batches(batch, k)`."
         )
+
+
+def _unpack_aux(out: Any) -> tuple[PyTree, PyTree, PyTree]:
+    """`(new_batch_stats, aux)` or `(new_batch_stats, aux, reports)`."""
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        return out if len(out) == 3 else (*out, None)
+    raise ValueError(
+        "bnjax.training: loss_fn must return `(loss, (new_batch_stats, aux))` or "
+        f"`(loss, (new_batch_stats, aux, reports))`; got `(loss, {type(out).__name__})`"
+        + (f" of length {len(out)}" if isinstance(out, tuple) else "")
+        + "."
+    )
+
+
+class _PlainView:
+    """The statistics tree as nested plain dicts, and back to the caller's tree type.
+
+    Works for dicts, `FrozenDict`s and `nnx.State`s (whose `Variable` boxes are
+    looked through), so that the policies see one convention.
+    """
+
+    def __init__(self, tree: PyTree):
+        with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        self.paths = [_plain_path(path) for path, _ in with_paths]
+        if len(set(self.paths)) != len(self.paths):
+            raise ValueError(
+                "bnjax.training: batch_stats must be nested mappings (dicts, FrozenDicts, "
+                f"nnx.States) of arrays; got structure {self.treedef}."
+            )
+
+    def plain(self, leaves: list[Any]) -> PyTree:
+        if self.paths == [()]:
+            return leaves[0]
+        root: dict[Any, Any] = {}
+        for path, leaf in zip(self.paths, leaves, strict=True):
+            node = root
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = leaf
+        return root
+
+    def leaves(self, plain: PyTree) -> list[Any]:
+        out = []
+        for path in self.paths:
+            node = plain
+            for key in path:
+                node = node[key]
+            out.append(node)
+        return out
+
+    def user(self, plain: PyTree) -> PyTree:
+        return jax.tree.unflatten(self.treedef, self.leaves(plain))
+
+
+def _plain_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    keys = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.GetAttrKey):
+            if entry.name == "value":  # an nnx Variable's box
+                continue
+            keys.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            keys.append(entry.idx)
+        else:
+            keys.append(getattr(entry, "key", entry))
+    return tuple(keys)
 
 
 def _check_new_stats(new_stats: PyTree, stats_def: Any, stats_leaves: list[Any]) -> list[Any]:

@@ -74,7 +74,8 @@ def torch_run(x, y):
 def loss_fn(params, batch_stats, batch):
     """The same net, functional and channels-last; keys follow nn.Sequential's indices."""
     x, y = batch
-    new = {}
+    new, reports = {}, {}  # reports: each BatchNorm's moments, for "corrected"/"full"
+    bn_layer = bnjax.batch_norm()  # PyTorch's defaults: momentum 0.1, eps 1e-5
     h = x
     for conv, bn in (("0", "1"), ("3", "4")):
         h = jax.lax.conv_general_dilated(
@@ -86,12 +87,13 @@ def loss_fn(params, batch_stats, batch):
             precision=HI,
         )
         h = h + params[conv]["bias"]
-        h, new[bn] = bnjax.apply(params[bn], batch_stats[bn], h, True)
+        h, moments = bn_layer.normalize(params[bn], batch_stats[bn], h, True)
+        new[bn], reports[bn] = bn_layer.update(batch_stats[bn], moments), bn_layer.report(moments)
         h = jax.nn.relu(h)
     logits = jnp.dot(h.mean(axis=(1, 2)), params["8"]["weight"], precision=HI)
     logits = logits + params["8"]["bias"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (new, None)
+    return loss, (new, None, reports)
 
 
 def bnjax_run(init_sd, x, y, stats_policy="micro"):

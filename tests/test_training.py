@@ -55,15 +55,23 @@ def _tiny_init():
     return params, stats
 
 
-def _tiny_loss(params, stats, batch, m3=None):
+def _tiny_loss(params, stats, batch, m3=None, with_reports=False):
+    """The tiny model; `with_reports` also returns each BatchNorm's report (third aux)."""
     x, t = batch
-    new = {}
-    h1, new["bn1"] = bnjax.apply(params["bn1"], stats["bn1"], x, True, momentum=M1)
-    h3, new["bn3"] = bnjax.apply(params["bn3"], stats["bn3"], x, True, momentum=m3)
+    new, reports = {}, {}
+
+    def bn(name, momentum, h):
+        layer = bnjax.batch_norm(momentum=momentum)
+        y, moments = layer.normalize(params[name], stats[name], h, True)
+        new[name], reports[name] = layer.update(stats[name], moments), layer.report(moments)
+        return y
+
+    h1, h3 = bn("bn1", M1, x), bn("bn3", m3, x)
     z = jnp.dot(h1 + 0.5 * h3, params["dense"]["w"], precision=_HI) + params["dense"]["b"]
-    h2, new["bn2"] = bnjax.apply(params["bn2"], stats["bn2"], z, True, momentum=M2)
+    h2 = bn("bn2", M2, z)
     pred = jnp.dot(jnp.tanh(h2), params["head"], precision=_HI)
-    return jnp.mean((pred - t) ** 2), (new, {"pred": pred})
+    aux = {"pred": pred}
+    return jnp.mean((pred - t) ** 2), ((new, aux, reports) if with_reports else (new, aux))
 
 
 def _tiny_data(k=K, b=B, seed=1):
@@ -119,7 +127,7 @@ def _run_tiny(policy, k=K, reduction="mean"):
     """One jitted accumulated step of the tiny model (cached: one compile per config)."""
     params, stats = _tiny_init()
     opt = optax.sgd(0.05, momentum=0.9)
-    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy))
+    loss_fn = functools.partial(_tiny_loss, m3=M3.get(policy), with_reports=True)
     step = training.make_train_step(
         loss_fn, opt, accum_steps=k, grad_reduction=reduction, stats_policy=policy
     )
@@ -242,30 +250,76 @@ def test_corrected_statistics_match_the_closed_form():
         assert int(got[name]["num_batches_tracked"]) == int(s0[name]["num_batches_tracked"]) + K
 
 
-def test_corrected_refuses_momentum_none_and_full_refuses_copied_stats():
+def test_corrected_refuses_momentum_none_and_full_refuses_a_layer_updated_twice():
     params, stats = _tiny_init()
     opt = optax.sgd(0.1)
     batch = _tiny_data()
     args = (params, stats, opt.init(params), batch)
-    step = training.make_train_step(_tiny_loss, opt, accum_steps=K, stats_policy="corrected")
-    with pytest.raises(ValueError, match="momentum=None"):
+    reporting = functools.partial(_tiny_loss, with_reports=True)
+    step = training.make_train_step(reporting, opt, accum_steps=K, stats_policy="corrected")
+    with pytest.raises(ValueError, match="'bn3' uses momentum=None"):
         jax.eval_shape(step, *args)
+
+    # A shared layer called twice per micro-batch: its two reports stack.
+    nn = pytest.importorskip("flax.linen")
+    import bnjax.linen
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            bn = bnjax.linen.BatchNorm()
+            return bn(bn(x, train=True), train=True)
+
+    x = batch[0]
+    variables = Twice().init(jax.random.key(0), x[0])
+
+    def twice(p, s, xb):
+        y, upd = Twice().apply(
+            {"params": p, "batch_stats": s}, xb, mutable=["batch_stats", bnjax.linen.REPORTS]
+        )
+        return jnp.mean(y), (upd["batch_stats"], None, upd[bnjax.linen.REPORTS])
+
+    p, s = variables["params"], variables["batch_stats"]
+    for policy in ("full", "corrected"):
+        step = training.make_train_step(twice, opt, accum_steps=K, stats_policy=policy)
+        with pytest.raises(ValueError, match="BatchNorm_0' was updated 2 times"):
+            jax.eval_shape(step, p, s, opt.init(p), x)
+
+
+def test_full_and_corrected_say_how_to_return_reports():
+    """A loss_fn without reports: the error names the linen, nnx and functional recipes."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.1)
+    for policy in ("full", "corrected"):
+        step = training.make_train_step(_tiny_loss, opt, accum_steps=K, stats_policy=policy)
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)returned none.*bnjax\.linen\.REPORTS.*"
+            r"nnx\.capture.*bn\.report",
+        ):
+            jax.eval_shape(step, params, stats, opt.init(params), _tiny_data())
+
+    def missing_bn2(p, s, b):
+        loss, (new, aux, reports) = _tiny_loss(p, s, b, with_reports=True)
+        return loss, (new, aux, {k: v for k, v in reports.items() if k != "bn2"})
+
+    step = training.make_train_step(missing_bn2, opt, accum_steps=K, stats_policy="full")
+    with pytest.raises(ValueError, match="'bn2' returned no report.*variable_axes"):
+        jax.eval_shape(step, params, stats, opt.init(params), _tiny_data())
+
+
+def test_statistics_copied_or_cast_inside_loss_fn_are_fine():
+    """Reports carry the moments: no need to read the statistics straight from the input."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
 
     def copying_loss(p, s, b):
-        return _tiny_loss(p, jax.tree.map(lambda a: a * 1, s), b)
+        s = jax.tree.map(lambda a: (a * 1).astype(a.dtype), s)
+        return _tiny_loss(p, s, b, m3=None, with_reports=True)
 
     step = training.make_train_step(copying_loss, opt, accum_steps=K, stats_policy="full")
-    with pytest.raises(ValueError, match="straight from the batch_stats"):
-        jax.eval_shape(step, *args)
-
-    def twice(p, s, b):
-        y, s1 = bnjax.apply(p["bn1"], s["bn1"], b[0], True)
-        _, s2 = bnjax.apply(p["bn1"], s1, y, True)
-        return jnp.mean(y), ({**s, "bn1": s2}, None)
-
-    step = training.make_train_step(twice, opt, accum_steps=K, stats_policy="full")
-    with pytest.raises(ValueError, match="twice"):
-        jax.eval_shape(step, *args)
+    got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
+    _assert_trees_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_configuration_and_batches_raise_clear_errors():
@@ -329,7 +383,8 @@ def test_one_scan_whatever_k(policy):
     opt = optax.sgd(0.1)
     sizes = []
     for k in (2, 8):
-        step = training.make_train_step(_tiny_loss, opt, accum_steps=k, stats_policy=policy)
+        loss_fn = functools.partial(_tiny_loss, with_reports=True)
+        step = training.make_train_step(loss_fn, opt, accum_steps=k, stats_policy=policy)
         args = (params, stats, opt.init(params), _tiny_data(k))
         jaxpr = jax.make_jaxpr(step)(*args).jaxpr
         assert _count_eqns(jaxpr, "scan") == 1
@@ -410,7 +465,12 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
     fx = _fixture("d_frozen_bn.npz")
     params0, stats0 = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
     opt = training.freeze_batchnorm(optax.sgd(0.1, momentum=0.9), params0, stats0)
-    loss_fn = functools.partial(net.loss_fn, train=False)
+    eval_reports = {name: bnjax.batch_norm().report(None) for name in ("bn1", "bn2")}
+
+    def loss_fn(params, stats, batch):  # eval-mode BatchNorms report no moments
+        loss, (new_stats, aux) = net.loss_fn(params, stats, batch, train=False)
+        return loss, (new_stats, aux, eval_reports)
+
     step = jax.jit(training.make_train_step(loss_fn, opt, accum_steps=k, stats_policy=policy))
     params, stats, opt_state = params0, stats0, opt.init(params0)
     x = net.nchw_to_nhwc(fx["x"])
@@ -473,10 +533,12 @@ def test_full_pools_masked_micro_batches_by_their_valid_counts():
     x, _ = _tiny_data()
     p, s0 = bnjax.init(3)
 
+    bn = bnjax.batch_norm(momentum=0.2)
+
     def loss_fn(params, stats, batch):
         xb, mb = batch
-        y, new = bnjax.apply(params, stats, xb, True, momentum=0.2, mask=mb)
-        return jnp.mean(y**2), (new, None)
+        y, moments = bn.normalize(params, stats, xb, True, mask=mb)
+        return jnp.mean(y**2), (bn.update(stats, moments), None, bn.report(moments))
 
     opt = optax.sgd(0.1)
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
@@ -505,9 +567,13 @@ def test_flax_linen_model_with_full_policy():
     def loss_fn(params, stats, batch):
         xb, tb = batch
         pred, updates = net.apply(
-            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": stats},
+            xb,
+            train=True,
+            mutable=["batch_stats", bnjax.linen.REPORTS],
         )
-        return jnp.mean((pred - tb) ** 2), (updates["batch_stats"], None)
+        loss = jnp.mean((pred - tb) ** 2)
+        return loss, (updates["batch_stats"], None, updates[bnjax.linen.REPORTS])
 
     opt = training.freeze_batchnorm(optax.sgd(0.1), variables["params"], variables["batch_stats"])
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
@@ -559,8 +625,9 @@ def test_flax_nnx_model_through_split_and_merge(policy):
     def loss_fn(params, stats, batch):
         xb, tb = batch
         model = nnx.merge(graphdef, params, stats)
-        loss = jnp.mean((model(xb) - tb) ** 2)
-        return loss, (nnx.state(model, nnx.BatchStat), None)
+        pred, reports = nnx.capture(model, bnjax.nnx.Reports)(xb)
+        loss = jnp.mean((pred - tb) ** 2)
+        return loss, (nnx.state(model, nnx.BatchStat), None, reports)
 
     opt = optax.sgd(0.1)
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy=policy)
