@@ -40,6 +40,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import bnjax  # noqa: E402
@@ -141,13 +142,16 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
 # ---------------------------------------------------------------------- workloads
 
 
-def bn_workload(kind: str, shape: tuple[int, ...], impl: str) -> tuple[Callable, tuple]:
+def bn_workload(
+    kind: str, shape: tuple[int, ...], impl: str, dtype: str = "float32"
+) -> tuple[Callable, tuple]:
     """A per-op workload: `train_fwd` or `train_fwd_bwd`, for bnjax or flax.linen."""
-    x = jnp.ones(shape)
-    g = jnp.ones(shape)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(0.5 + 2 * rng.standard_normal(shape, np.float32), dtype)
+    g = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
     c = shape[-1]
     if impl == "flax.linen":
-        m = nn.BatchNorm(momentum=0.9)
+        m = nn.BatchNorm(momentum=0.9, dtype=dtype)
         v = m.init(jax.random.key(0), x, use_running_average=False)
         p, s = v["params"], v["batch_stats"]
 
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="resnet18: a whole training step")
     ap.add_argument("--quick", action="store_true", help="with --model: the quick size")
     ap.add_argument("--shape", default="16,16,16,64")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kinds", default="train_fwd,train_fwd_bwd")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--run", type=int, default=0, help="also time the calls: this many rounds")
@@ -296,10 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     def make(kind: str, impl: str) -> tuple[Callable, tuple]:
         if args.model:
             return model_workload(impl, args.quick)
-        return bn_workload(kind, shape, impl)
+        return bn_workload(kind, shape, impl, args.dtype)
 
     rows = workloads()
-    print(f"jax {jax.__version__}; shape {shape}; {' '.join(sys.argv[1:])}")
+    print(f"jax {jax.__version__}; shape {shape} {args.dtype}; {' '.join(sys.argv[1:])}")
     if args.hlo:
         for kind, v, impl in rows:
             fn, a = make(kind, impl)
