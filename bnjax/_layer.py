@@ -208,6 +208,23 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
     return BatchNormLayer(init, apply, normalize, update, report, config)
 
 
+def flax_module_config(
+    module: Any, *, affine: bool, bias: bool, track_running_stats: bool
+) -> BatchNormConfig:
+    """The `BatchNormConfig` of a Flax BatchNorm module (linen or nnx), from its attributes."""
+    return BatchNormConfig(
+        momentum=module.momentum,
+        eps=module.epsilon,
+        axis=module.axis,
+        axis_name=module.axis_name,
+        axis_index_groups=module.axis_index_groups,
+        affine=affine,
+        bias=bias,
+        track_running_stats=track_running_stats,
+        dtype=module.param_dtype,
+    )
+
+
 def param_keys(affine: bool, use_scale: bool, use_bias: bool, who: str) -> tuple[str, ...]:
     """A Flax-style module's `params` keys, from `affine`, `use_scale` and `use_bias`."""
     if not affine or (not use_scale and not use_bias):

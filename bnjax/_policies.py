@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -71,19 +72,11 @@ def micro() -> StatsPolicy:
       False
     """
 
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
-
     def update(state, stats_in, stats_out, reports, accum_steps):
         del stats_in, reports, accum_steps
         return stats_out, state
 
-    def finish(state, batch_stats, stats_last, reports, accum_steps):
-        del state, batch_stats, reports, accum_steps
-        return stats_last
-
-    return StatsPolicy(init, update, finish, needs_reports=False)
+    return StatsPolicy(_no_state, update, _last_stats, needs_reports=False)
 
 
 def corrected() -> StatsPolicy:
@@ -99,10 +92,6 @@ def corrected() -> StatsPolicy:
       >>> bnjax.training.corrected().needs_reports
       True
     """
-
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
 
     def update(state, stats_in, stats_out, reports, accum_steps):
         layers = trained_layers(stats_in, reports, "corrected")
@@ -120,11 +109,7 @@ def corrected() -> StatsPolicy:
             _set(new, path, _core.update_stats(_get(stats_in, path), report.moments, momentum=mk))
         return new, state
 
-    def finish(state, batch_stats, stats_last, reports, accum_steps):
-        del state, batch_stats, reports, accum_steps
-        return stats_last
-
-    return StatsPolicy(init, update, finish, needs_reports=True)
+    return StatsPolicy(_no_state, update, _last_stats, needs_reports=True)
 
 
 def full() -> StatsPolicy:
@@ -144,10 +129,6 @@ def full() -> StatsPolicy:
       True
     """
 
-    def init(batch_stats, accum_steps):
-        del batch_stats, accum_steps
-        return None
-
     def update(state, stats_in, stats_out, reports, accum_steps):
         del accum_steps
         new = _copy(stats_out)
@@ -166,7 +147,20 @@ def full() -> StatsPolicy:
             _set(new, path, updated)
         return new
 
-    return StatsPolicy(init, update, finish, needs_reports=True)
+    return StatsPolicy(_no_state, update, finish, needs_reports=True)
+
+
+def _no_state(batch_stats: PyTree, accum_steps: int) -> None:
+    """`init` of a policy that keeps no state across micro-batches."""
+    del batch_stats, accum_steps
+
+
+def _last_stats(
+    state: Any, batch_stats: PyTree, stats_last: PyTree, reports: PyTree, accum_steps: int
+) -> PyTree:
+    """`finish` of a policy whose scan already produced the final statistics."""
+    del state, batch_stats, reports, accum_steps
+    return stats_last
 
 
 def pool_moments(moments: Moments) -> Moments:
@@ -203,11 +197,9 @@ def corrected_momentum(momentum: float, accum_steps: int) -> float:
     return -math.expm1(math.log1p(-momentum) / accum_steps)
 
 
-_POLICIES: dict[str, Callable[[], StatsPolicy]] = {
-    "micro": micro,
-    "corrected": corrected,
-    "full": full,
-}
+_POLICIES: Mapping[str, Callable[[], StatsPolicy]] = MappingProxyType(
+    {"micro": micro, "corrected": corrected, "full": full}
+)
 
 
 def resolve(stats_policy: str | StatsPolicy) -> StatsPolicy:

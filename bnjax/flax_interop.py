@@ -33,6 +33,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from bnjax._conventions import STAT_KEYS
 from bnjax._conventions import momentum_from_flax as momentum_from_flax
 from bnjax._conventions import momentum_to_flax as momentum_to_flax
 
@@ -48,7 +49,7 @@ __all__ = [
 Tree = dict[str, Any]
 
 _FLAX_STATS = ("mean", "var")
-_BNJAX_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_BNJAX_STATS = STAT_KEYS
 
 
 def from_flax(

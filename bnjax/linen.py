@@ -18,11 +18,17 @@ number is computed by `bnjax.apply`.
     y, updates = Net().apply(variables, x, train=True, mutable=["batch_stats"])
     y = Net().apply({**variables, **updates}, x, train=False)
 
+Whole-model tools read each BatchNorm through its `bnjax.BatchNormReport` (settings
+and batch moments), which the module sows into the collection `REPORTS` only when the
+caller makes it mutable: `mutable=["batch_stats", bnjax.linen.REPORTS]`, then
+`bnjax.collect_reports(updates[bnjax.linen.REPORTS])`.
+
 This submodule imports `flax`; `import bnjax` alone does not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,10 +43,12 @@ from bnjax._conventions import STAT_KEYS
 from bnjax._layer import (
     BatchNormConfig,
     check_shared_stats_write,
+    flax_module_config,
+    layer_from_config,
     param_keys,
     resolve_train,
 )
-from bnjax._report import REPORT_NAME, make_report
+from bnjax._report import REPORT_NAME
 from bnjax._validate import check_keys, feature_shape_of, normalize_axes
 
 Array = jax.Array
@@ -191,21 +199,14 @@ class BatchNorm(nn.Module):
         else:
             batch_stats = self._collection("batch_stats", (), None, features)
 
-        y, moments = _core.normalize(
-            params,
-            batch_stats,
-            x,
-            train,
-            eps=self.epsilon,
-            axis=self.axis,
-            axis_name=self.axis_name if sync else None,
-            axis_index_groups=self.axis_index_groups if sync else None,
-            mask=mask,
-        )
-        new_batch_stats = _core.update_stats(batch_stats, moments, momentum=self.momentum)
+        if not sync:
+            config = dataclasses.replace(config, axis_name=None, axis_index_groups=None)
+        layer = layer_from_config(config)
+        y, moments = layer.normalize(params, batch_stats, x, train, mask=mask)
+        new_batch_stats = layer.update(batch_stats, moments)
         # The report channel: only for callers that make REPORTS mutable, never in init.
         if not initializing and self.is_mutable_collection(REPORTS):
-            self.sow(REPORTS, REPORT_NAME, make_report(moments, config))
+            self.sow(REPORTS, REPORT_NAME, layer.report(moments))
         # Like Flax (and like constructing a PyTorch module), `init` leaves the
         # statistics at their initial values. Running statistics are buffers:
         # no gradient flows into them, as under PyTorch's `no_grad` update.
@@ -223,16 +224,11 @@ class BatchNorm(nn.Module):
     def config(self) -> BatchNormConfig:
         """This module's settings as a `bnjax.BatchNormConfig` (what its reports carry)."""
         keys = param_keys(self.affine, self.use_scale, self.use_bias, "bnjax.linen.BatchNorm")
-        return BatchNormConfig(
-            momentum=self.momentum,
-            eps=self.epsilon,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
+        return flax_module_config(
+            self,
             affine=bool(keys),
             bias="bias" in keys,
             track_running_stats=self.track_running_stats,
-            dtype=self.param_dtype,
         )
 
     def _collection(

@@ -17,6 +17,12 @@ State can be taken out and threaded explicitly with `nnx.split` / `nnx.merge`:
 
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
+Whole-model tools read each BatchNorm through its `bnjax.BatchNormReport` (settings
+and batch moments), recorded only under `nnx.capture(model, bnjax.nnx.Reports)`:
+
+    y, reports = nnx.capture(model, bnjax.nnx.Reports)(x)
+    reports = bnjax.collect_reports(reports)   # aligned with the BatchStat paths
+
 This submodule imports `flax`; `import bnjax` alone does not.
 """
 
@@ -33,11 +39,12 @@ from bnjax import _core
 from bnjax._layer import (
     BatchNormConfig,
     check_shared_stats_write,
+    flax_module_config,
     layer_from_config,
     param_keys,
     resolve_train,
 )
-from bnjax._report import REPORT_NAME, make_report
+from bnjax._report import REPORT_NAME
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -177,7 +184,6 @@ class BatchNorm(nnx.Module):
         self.affine = affine
         self.use_scale = use_scale
         self.use_bias = use_bias
-        self.config = nnx.static(config)
         self.track_running_stats = track_running_stats
         self.axis = axis
         self.axis_name = axis_name
@@ -185,6 +191,16 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+
+    @property
+    def config(self) -> BatchNormConfig:
+        """This module's settings as a `bnjax.BatchNormConfig` (what its reports carry)."""
+        return flax_module_config(
+            self,
+            affine=self.weight is not None,
+            bias=self.bias is not None,
+            track_running_stats=self.running_mean is not None,
+        )
 
     @property
     def training(self) -> bool:
@@ -233,21 +249,12 @@ class BatchNorm(nnx.Module):
                 "running_var": self.running_var[...],
                 "num_batches_tracked": self.num_batches_tracked[...],
             }
-        y, moments = _core.normalize(
-            params,
-            stats,
-            x,
-            train,
-            eps=self.epsilon,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-        )
-        new_stats = _core.update_stats(stats, moments, momentum=self.momentum)
+        layer = layer_from_config(self.config)
+        y, moments = layer.normalize(params, stats, x, train, mask=mask)
+        new_stats = layer.update(stats, moments)
         # The report channel: opt-in, only under `nnx.capture(..., Reports)`.
         if hasattr(self, "__captures__"):
-            self.sow(Reports, REPORT_NAME, make_report(moments, self.config))
+            self.sow(Reports, REPORT_NAME, layer.report(moments))
         if train and stats:
             check_shared_stats_write(
                 "bnjax.nnx.BatchNorm", stats["running_mean"], new_stats["running_mean"]

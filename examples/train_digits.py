@@ -48,30 +48,38 @@ def forward(params, batch_stats, x, train: bool, axis_name=None):
 
     `axis_name` (used by `data_parallel.py`) synchronizes BatchNorm over a named axis.
     """
-    new_stats = {}
+    logits, new_stats, _ = forward_with_reports(params, batch_stats, x, train, axis_name)
+    return logits, new_stats
+
+
+def forward_with_reports(params, batch_stats, x, train: bool, axis_name=None):
+    """`forward`, plus each BatchNorm's report (its momentum and batch moments), which
+    `make_train_step`'s "corrected" and "full" statistics policies read."""
+    bn = bnjax.batch_norm(axis_name=axis_name)  # PyTorch's defaults: momentum 0.1, eps 1e-5
+    new_stats, reports = {}, {}
     for i in range(len(CHANNELS)):
         block = params[f"block{i}"]
         x = jax.lax.conv_general_dilated(
             x, block["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        x, stats = bnjax.apply(
-            block["bn"], batch_stats[f"block{i}"]["bn"], x, train, axis_name=axis_name
-        )
-        new_stats[f"block{i}"] = {"bn": stats}
+        stats = batch_stats[f"block{i}"]["bn"]
+        x, moments = bn.normalize(block["bn"], stats, x, train)
+        new_stats[f"block{i}"] = {"bn": bn.update(stats, moments)}
+        reports[f"block{i}"] = {"bn": bn.report(moments)}
         x = jax.nn.relu(x)
         if i == 0:
             x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     x = x.mean(axis=(1, 2))
     logits = x @ params["head"]["kernel"] + params["head"]["bias"]
-    return logits, new_stats
+    return logits, new_stats, reports
 
 
 def loss_fn(params, batch_stats, batch):
-    """Cross-entropy; returns `(loss, (new_batch_stats, logits))`."""
+    """Cross-entropy; returns `(loss, (new_batch_stats, logits, reports))`."""
     x, y = batch
-    logits, new_stats = forward(params, batch_stats, x, train=True)
+    logits, new_stats, reports = forward_with_reports(params, batch_stats, x, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (new_stats, logits)
+    return loss, (new_stats, logits, reports)
 
 
 def load_data(seed: int):
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> float:
     @jax.jit
     def train_step(params, batch_stats, opt_state, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, _)), grads = grad_fn(params, batch_stats, batch)
+        (loss, (batch_stats, _, _)), grads = grad_fn(params, batch_stats, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 

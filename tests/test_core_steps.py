@@ -161,3 +161,38 @@ def test_report_carries_moments_as_leaves_and_config_as_static_data():
     assert int(report.count) == 30 and report.trained
     eval_report = bn.report(None)
     assert jax.tree.leaves(eval_report) == [] and not eval_report.trained
+
+
+# --------------------------------------------------------------------------- no hidden state
+
+
+def test_no_module_level_mutable_state_and_the_core_knows_no_tools():
+    """No ContextVar, no global hooks; the core does not import the layers above it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(bnjax.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        source = path.read_text()
+        assert "contextvars" not in source and "ContextVar" not in source, path.name
+        for node in ast.parse(source).body:  # module-level statements
+            assert not isinstance(node, ast.Global), path.name
+            names = [
+                t.id
+                for t in getattr(node, "targets", [getattr(node, "target", None)])
+                if isinstance(t, ast.Name)
+            ]
+            if names == ["__all__"]:
+                continue
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(
+                node.value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp)
+            ):
+                raise AssertionError(f"{path.name}:{node.lineno}: a module-level mutable container")
+    core = ast.parse((root / "_core.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(core)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    } | {node.module for node in ast.walk(core) if isinstance(node, ast.ImportFrom)}
+    assert not {"training", "_policies", "_report", "linen", "nnx"} & imported

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import STAT_KEYS, assert_trees_close
 
 import bnjax
 import bnjax.linen as bl
@@ -23,8 +24,7 @@ from bnjax import flax_interop as fi
 KEY = jax.random.key(0)
 
 
-def _close(a, b, rtol=1e-6, atol=1e-6):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+_close = assert_trees_close
 
 
 def test_core_package_does_not_import_flax():
@@ -43,7 +43,7 @@ def test_one_layer_names_and_variance_rescaling():
     flax_stats = {"mean": mean, "var": var}
     params, stats = fi.from_flax(flax_params, flax_stats)
     assert sorted(params) == ["bias", "weight"]
-    assert sorted(stats) == ["num_batches_tracked", "running_mean", "running_var"]
+    assert sorted(stats) == sorted(STAT_KEYS)
     _close(params, {"weight": scale, "bias": bias}, 0, 0)
     _close(stats["running_var"], var, 0, 0)  # copied unchanged without n
     assert stats["num_batches_tracked"].dtype == jnp.int32

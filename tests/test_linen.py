@@ -7,14 +7,13 @@ where the two conventions agree.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, drifting_batch, load_fixture
 from flax.training import train_state
 
 import bnjax
@@ -23,12 +22,8 @@ import bnjax.linen as bl
 KEY = jax.random.key(0)
 
 
-def _close(a, b, rtol=1e-6, atol=1e-6):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
-
-
-def _batch(rng, shape, step):
-    return jnp.asarray(rng.normal(size=shape) * (1.0 + 0.5 * step) + 2.0 - step, jnp.float32)
+_close = assert_trees_close
+_batch = drifting_batch
 
 
 # Several configurations: layouts, affine / tracking on and off, cumulative momentum,
@@ -419,7 +414,6 @@ def test_missing_mode_and_bad_hyperparameters(trained):
 
 # --------------------------------------------------------------------------- PyTorch fixtures
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -432,13 +426,6 @@ class _SmallNet(nn.Module):
             x = nn.Conv(c, (3, 3), padding=1, precision=_HI, name=f"conv{i}")(x)
             x = nn.relu(bl.BatchNorm(name=f"bn{i}")(x, train=train))
         return nn.Dense(10, precision=_HI, name="fc")(x.mean(axis=(1, 2)))
-
-
-def _load_fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"PyTorch fixture {path} not found (scripts/export_torch_fixtures.py)")
-    return dict(np.load(path))
 
 
 def _torch_to_flax(f, prefix, index=None, *, stats=True):
@@ -482,7 +469,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated
     gradients and parameters after every step, all as PyTorch computed them."""
-    f = _load_fixture("c_accumulation.npz")
+    f = load_fixture("c_accumulation.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
@@ -516,7 +503,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
 def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     """Scenario d: BN in eval mode (running statistics of a pretrained net): logits
     and the gradients of the convolutions and the classifier, as PyTorch's."""
-    f = _load_fixture("d_frozen_bn.npz")
+    f = load_fixture("d_frozen_bn.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"][:16], (0, 2, 3, 1))

@@ -7,25 +7,19 @@ conventions agree.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, drifting_batch, load_fixture
 from flax import nnx
 
 import bnjax
 import bnjax.nnx as bx
 
-
-def _close(a, b, rtol=1e-6, atol=1e-6):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
-
-
-def _batch(rng, shape, step):
-    return jnp.asarray(rng.normal(size=shape) * (1.0 + 0.5 * step) + 2.0 - step, jnp.float32)
+_close = assert_trees_close
+_batch = drifting_batch
 
 
 def _stats(bn):
@@ -240,7 +234,6 @@ def test_bad_construction():
 
 # --------------------------------------------------------------------------- PyTorch fixtures
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -258,13 +251,6 @@ class _SmallNet(nnx.Module):
         x = nnx.relu(self.bn1(self.conv1(x)))
         x = nnx.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean(axis=(1, 2)))
-
-
-def _load_fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"PyTorch fixture {path} not found (scripts/export_torch_fixtures.py)")
-    return dict(np.load(path))
 
 
 def _torch_arrays(f, prefix, index=None):
@@ -307,7 +293,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated
     gradients and parameters after every step, as PyTorch computed them."""
-    f = _load_fixture("c_accumulation.npz")
+    f = load_fixture("c_accumulation.npz")
     model = _SmallNet(nnx.Rngs(0))
     _load_torch_state(model, _torch_arrays(f, "sd_init"))
     x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
@@ -351,7 +337,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
 def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     """Scenario d: the BatchNorms in eval() (a pretrained net's running statistics):
     logits and the gradients of the convolutions and the classifier, as PyTorch's."""
-    f = _load_fixture("d_frozen_bn.npz")
+    f = load_fixture("d_frozen_bn.npz")
     model = _SmallNet(nnx.Rngs(0))
     _load_torch_state(model, _torch_arrays(f, "sd_init"))
     model.bn1.eval()

@@ -16,14 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    HI,
+    assert_state_dict_close,
+    assert_trees_close,
+    fixture_state_dict,
+    load_fixture,
+)
 from reference import ref_moments
 
 import bnjax
 from bnjax import training
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 K, B = 4, 8
-_HI = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the tolerances are float32's
+_HI = HI
 M1, M2 = 0.1, 0.3  # momenta of bn1 (on the data) and bn2 (downstream)
 M3 = {"corrected": 0.2}  # bn3's momentum: None (cumulative) except where it cannot be
 
@@ -114,14 +120,6 @@ def _plain_step(loss_fn, optimizer):
     return step
 
 
-def _assert_trees_close(actual, expected, rtol, atol=0.0):
-    jax.tree.map(
-        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol, atol),
-        actual,
-        expected,
-    )
-
-
 @functools.cache
 def _run_tiny(policy, k=K, reduction="mean"):
     """One jitted accumulated step of the tiny model (cached: one compile per config)."""
@@ -146,7 +144,7 @@ def test_k1_every_policy_is_the_plain_step(policy):
     plain = jax.jit(_plain_step(loss_fn, opt))(params, stats, opt.init(params), (x[0], t[0]))
     got = _run_tiny(policy, k=1)
     # k = 1 runs the body once, without a loop: the same numbers as the plain step.
-    _assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
+    assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[3].loss, [plain[3]], rtol=1e-6)
     assert got[3].aux["pred"].shape == (1, B)
 
@@ -165,14 +163,14 @@ def test_gradients_are_the_mean_or_sum_over_micro_batches():
         new_params = _run_tiny("micro", reduction=reduction)[0]
         moved = jax.tree.map(lambda a, b: (a - b) / 0.05, params, new_params)
         expected = jax.tree.map(lambda g, scale=scale: scale * g, mean)
-        _assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
+        assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_policies_change_only_the_statistics():
     micro, full, corrected = (_run_tiny(p) for p in ("micro", "full", "corrected"))
     for other in (full, corrected):
-        _assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
-        _assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
+        assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
+        assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
 
 
 # --------------------------------------------------------------------------- 3. statistics
@@ -319,7 +317,7 @@ def test_statistics_copied_or_cast_inside_loss_fn_are_fine():
 
     step = training.make_train_step(copying_loss, opt, accum_steps=K, stats_policy="full")
     got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
-    _assert_trees_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
+    assert_trees_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_configuration_and_batches_raise_clear_errors():
@@ -401,35 +399,11 @@ def _small_net():
     return pytest.importorskip("small_net", reason="tests/small_net.py not present")
 
 
-def _fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (run scripts/export_torch_fixtures.py)")
-    return dict(np.load(path))
-
-
-def _state_dict(fx, prefix, index=None):
-    sd = {}
-    for key, value in fx.items():
-        if key.startswith(prefix + "/"):
-            sd[key[len(prefix) + 1 :]] = value if index is None else value[index]
-    return sd
-
-
-def _assert_state_dict_close(actual, expected, rtol, atol):
-    assert sorted(actual) == sorted(expected)
-    for key in expected:
-        if key.endswith("num_batches_tracked"):
-            assert int(actual[key]) == int(expected[key]), key
-        else:
-            np.testing.assert_allclose(actual[key], expected[key], rtol, atol, err_msg=key)
-
-
 def test_micro_reproduces_the_pytorch_accumulation_fixture():
     """Scenario c: 4 micro-batches of 8 per SGD-momentum step, (loss / 4).backward()."""
     net = _small_net()
-    fx = _fixture("c_accumulation.npz")
-    params, stats = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    fx = load_fixture("c_accumulation.npz")
+    params, stats = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = optax.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
     step = jax.jit(training.make_train_step(net.loss_fn, opt, accum_steps=4))
@@ -441,16 +415,16 @@ def test_micro_reproduces_the_pytorch_accumulation_fixture():
         params, stats, opt_state, metrics = step(params, stats, opt_state, micro)
         losses.append(metrics.loss)
         logits.append(metrics.aux["logits"])
-        _assert_state_dict_close(
+        assert_state_dict_close(
             net.to_torch_state_dict(params, stats),
-            _state_dict(fx, "sd_step", s),
+            fixture_state_dict(fx, "sd_step", s),
             rtol=1e-4,
             atol=1e-5,
         )
     np.testing.assert_allclose(np.concatenate(losses), fx["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.concatenate(logits), fx["logits"], rtol=1e-4, atol=1e-5)
-    _assert_state_dict_close(
-        net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_final"), 1e-4, 1e-5
+    assert_state_dict_close(
+        net.to_torch_state_dict(params, stats), fixture_state_dict(fx, "sd_final"), 1e-4, 1e-5
     )
 
 
@@ -462,8 +436,8 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
     independent), and the BN weights and statistics stay bit-identical either way.
     """
     net = _small_net()
-    fx = _fixture("d_frozen_bn.npz")
-    params0, stats0 = net.from_torch_state_dict(_state_dict(fx, "sd_init"))
+    fx = load_fixture("d_frozen_bn.npz")
+    params0, stats0 = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = training.freeze_batchnorm(optax.sgd(0.1, momentum=0.9), params0, stats0)
     eval_reports = {name: bnjax.batch_norm().report(None) for name in ("bn1", "bn2")}
 
@@ -479,8 +453,8 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
         batch = training.split_micro_batches((x[16 * s : 16 * s + 16], y[16 * s : 16 * s + 16]), k)
         params, stats, opt_state, metrics = step(params, stats, opt_state, batch)
         np.testing.assert_allclose(jnp.mean(metrics.loss), fx["loss"][s], rtol=1e-5)
-        _assert_state_dict_close(
-            net.to_torch_state_dict(params, stats), _state_dict(fx, "sd_step", s), 1e-4, 1e-5
+        assert_state_dict_close(
+            net.to_torch_state_dict(params, stats), fixture_state_dict(fx, "sd_step", s), 1e-4, 1e-5
         )
     for name in ("bn1", "bn2"):
         for tree, tree0 in ((params, params0), (stats, stats0)):
@@ -649,3 +623,13 @@ def test_flax_nnx_model_through_split_and_merge(policy):
     assert metrics.loss.shape == (K,)
     # One optimizer update with the mean gradient moved the Linear layer.
     assert not np.array_equal(new_params["out"]["kernel"][...], params["out"]["kernel"][...])
+
+
+def test_functional_model_under_jax_checkpoint():
+    """`jax.checkpoint` around the functional loss_fn (reports are ordinary outputs)."""
+    params, stats = _tiny_init()
+    opt = optax.sgd(0.05, momentum=0.9)
+    loss_fn = jax.checkpoint(functools.partial(_tiny_loss, m3=None, with_reports=True))
+    step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
+    got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
+    assert_trees_close(got[:2], _run_tiny("full")[:2], rtol=1e-6, atol=1e-7)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import HI, assert_trees_close
 from flax import nnx
 
 import bnjax.linen as bl
@@ -25,7 +26,6 @@ import bnjax.nnx as bx
 from bnjax import training
 
 K, B, HW = 2, 4, 6  # micro-batches per step, examples per micro-batch, image side
-HI = jax.lax.Precision.HIGHEST
 M_STEM = 0.3
 
 
@@ -56,10 +56,8 @@ def _check_stem(stats, x, policy):
     assert int(stats["num_batches_tracked"][...]) == count
 
 
-def _close(a, b, rtol=2e-5, atol=2e-6):
-    jax.tree.map(
-        lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol, atol), a, b
-    )
+def _close(a, b):
+    assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- linen
