@@ -6,6 +6,7 @@ Import it before JAX: `pin_malloc()` must run before XLA allocates anything.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import statistics
 import sys
@@ -68,3 +69,18 @@ def paired_median(times: Sequence[float], ref_times: Sequence[float]) -> float:
     if not ref_times:
         return float("nan")
     return statistics.median(t / r for t, r in zip(times, ref_times, strict=True))
+
+
+def load_line() -> str:
+    """The UTC time and the machine's load average (1, 5, 15 minutes), for a results file.
+
+    Example:
+      >>> "load average" in load_line()
+      True
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return f"{now:%Y-%m-%d %H:%M} UTC, load average unavailable"
+    return f"{now:%Y-%m-%d %H:%M} UTC, load average {one:.2f}, {five:.2f}, {fifteen:.2f}"

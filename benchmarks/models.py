@@ -41,7 +41,6 @@ Method (as `bench_bn.py`):
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import platform
@@ -52,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import paired_median, pin_malloc
+from _common import load_line, paired_median, pin_malloc
 
 MALLOPT_OK = pin_malloc()  # before JAX allocates anything
 
@@ -493,15 +492,6 @@ def machine_line() -> str:
         f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
         f"numpy {np.__version__}; mallopt pinned: {MALLOPT_OK}"
     )
-
-
-def load_line() -> str:
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "load average unavailable"
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return f"{now:%Y-%m-%d %H:%M} UTC, load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
