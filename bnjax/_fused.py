@@ -143,7 +143,7 @@ def _shifted_moments(
 
 
 def _moments(x: Array, reduce_axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """Biased mean and variance over `reduce_axes`, float32 at least, in one sweep.
+    """Biased mean and variance over `reduce_axes`, float32 at least, with no branch.
 
     Shifted by the first value of each feature (`_stats.sample_shift`, a slice of C
     values, held constant for autodiff), so large-mean inputs keep float32 precision
