@@ -44,6 +44,7 @@ from bnjax._stats import Moments, affine, fold_scale, per_feature, sample_shift,
 
 Array = jax.Array
 
+
 def batch_norm_train(
     x: Array,
     weight: Array | None,
