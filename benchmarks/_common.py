@@ -6,8 +6,17 @@ Import it before JAX: `pin_malloc()` must run before XLA allocates anything.
 from __future__ import annotations
 
 import ctypes
+import datetime
+import os
 import statistics
+import sys
 from collections.abc import Sequence
+
+# Benchmark the checkout the script lives in, not whichever bnjax is installed: a
+# script's own folder (benchmarks/) is first on sys.path, the repository root is not.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
 
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
@@ -60,3 +69,18 @@ def paired_median(times: Sequence[float], ref_times: Sequence[float]) -> float:
     if not ref_times:
         return float("nan")
     return statistics.median(t / r for t, r in zip(times, ref_times, strict=True))
+
+
+def load_line() -> str:
+    """The UTC time and the machine's load average (1, 5, 15 minutes), for a results file.
+
+    Example:
+      >>> "load average" in load_line()
+      True
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return f"{now:%Y-%m-%d %H:%M} UTC, load average unavailable"
+    return f"{now:%Y-%m-%d %H:%M} UTC, load average {one:.2f}, {five:.2f}, {fifteen:.2f}"

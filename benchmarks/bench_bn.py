@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import paired_median, pin_malloc
+from _common import load_line, paired_median, pin_malloc
 
 MALLOPT_OK = pin_malloc()  # before JAX allocates anything
 
@@ -669,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
     print(machine_line(), flush=True)
+    start = load_line()
     results: dict = {}
     t_start = time.perf_counter()
     for case in cases:
@@ -697,6 +698,8 @@ def main(argv: list[str] | None = None) -> None:
         "# BatchNorm benchmark results",
         "",
         f"Machine: {machine_line()}.",
+        "",
+        f"Load: start {start}; end {load_line()} (`os.getloadavg()`, {os.cpu_count()} cores).",
         "",
         f"Command: `{cmd}` ({trials} interleaved rounds of ~{target_s * 1e3:.0f} ms per "
         "implementation; median per-call time, [min, max] over rounds; ratios are the "

@@ -44,12 +44,6 @@ from bnjax._stats import Moments, affine, fold_scale, per_feature, sample_shift,
 
 Array = jax.Array
 
-# Raw moments (E[x], E[x^2]) lose about eps * mean^2 / var of var's relative precision
-# to cancellation. Measured for float32 sums of 65k to 200k values, their relative
-# error is ~3.5e-7 * (1 + mean^2 / var); with mean^2 <= 4 var that is <= 2e-6, the
-# shifted formula's own level. Beyond it, the shifted formula is used.
-RAW_MOMENTS_MAX_MEAN2_OVER_VAR = 4.0
-
 
 def batch_norm_train(
     x: Array,
@@ -100,11 +94,22 @@ def _copies(v: Array, k: int) -> tuple[Array, ...]:
 
 def _split(v: Array, k: int) -> tuple[Array, ...]:
     """`k` barrier-separated aliases of `v` on CPU, `(v,) * k` elsewhere."""
-    return lax.platform_dependent(
-        v,
-        cpu=lambda v: lax.optimization_barrier((v,) * k),
-        default=lambda v: (v,) * k,
-    )
+    if _on_cpu():
+        return lax.optimization_barrier((v,) * k)
+    return (v,) * k
+
+
+def _on_cpu() -> bool:
+    """Whether the program being traced is for XLA:CPU (JAX's default backend).
+
+    Decided at trace time, not with `lax.platform_dependent`: each of those is a
+    `cond` whose branches are traced, partially evaluated and transposed under
+    autodiff, about 0.08 s of trace and lowering per BatchNorm in a training step
+    (benchmarks/compile_cost.py). The choice only places optimization barriers,
+    which change how XLA fuses, never a value: a program traced here and run on
+    another backend computes the same numbers.
+    """
+    return jax.default_backend() == "cpu"
 
 
 def _upcasts(x: Array, dtype: Any, k: int) -> tuple[Array, ...]:
@@ -138,48 +143,19 @@ def _shifted_moments(
     return shift + m, jnp.maximum(s2 / n - m * m, 0)
 
 
-def _first_sample_moments(x: Array, reduce_axes: tuple[int, ...], n: int) -> tuple[Array, Array]:
-    """One sweep, shifted by the first value of each feature (GPU/TPU: fused sweep)."""
-    shift = sample_shift(x, reduce_axes, None).astype(stats_dtype(x.dtype))
-    return _shifted_moments(x, lax.stop_gradient(shift), reduce_axes, n)
-
-
-def _guarded_raw_moments(x: Array, reduce_axes: tuple[int, ...], n: int) -> tuple[Array, Array]:
-    """CPU: raw sums (no broadcast in the reductions, the fastest on XLA:CPU), checked.
-
-    When some feature's mean is large next to its spread (mean^2 > 4 var), the
-    statistics are recomputed shifted by the raw mean, so large-mean inputs keep
-    float32 precision; that branch only runs when needed (`lax.cond`).
-    """
-    dtype = stats_dtype(x.dtype)
-    xf1, xf2 = _upcasts(x, dtype, 2)
-    mean = _sum(xf1, reduce_axes) / n
-    var = _sum(xf2 * xf2, reduce_axes) / n - mean * mean
-    # One max-reduction of C values; a NaN fails the test and takes the careful branch.
-    ok = jnp.max(mean * mean - RAW_MOMENTS_MAX_MEAN2_OVER_VAR * var) <= 0
-    return lax.cond(
-        ok,
-        lambda x, mean, var: (mean, jnp.maximum(var, 0)),
-        lambda x, mean, var: _shifted_moments(x, lax.stop_gradient(mean), reduce_axes, n),
-        x,
-        mean,
-        var,
-    )
-
-
 def _moments(x: Array, reduce_axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """Biased mean and variance over `reduce_axes`, float32 at least.
+    """Biased mean and variance over `reduce_axes`, float32 at least, with no branch.
 
-    XLA:GPU fuses both shifted reductions into one sweep over `x`; XLA:CPU fuses a
-    per-feature broadcast into its reduction kernels poorly, so there the raw sums
-    are taken first and checked (`_guarded_raw_moments`).
+    Shifted by the first value of each feature (`_stats.sample_shift`, a slice of C
+    values, held constant for autodiff), so large-mean inputs keep float32 precision
+    with no data-dependent branch. XLA:GPU fuses both reductions into one sweep over
+    `x`; on XLA:CPU each reduction is its own kernel (docs/performance_models.md
+    says why this costs less, per training step plus its compile, than raw moments
+    checked by a `lax.cond`).
     """
     n = math.prod(x.shape[a] for a in reduce_axes)
-    return lax.platform_dependent(
-        x,
-        cpu=functools.partial(_guarded_raw_moments, reduce_axes=reduce_axes, n=n),
-        default=functools.partial(_first_sample_moments, reduce_axes=reduce_axes, n=n),
-    )
+    shift = sample_shift(x, reduce_axes, None).astype(stats_dtype(x.dtype))
+    return _shifted_moments(x, lax.stop_gradient(shift), reduce_axes, n)
 
 
 def batch_norm_eval(
@@ -224,9 +200,8 @@ def batch_norm_eval(
     if bias is not None:
         shift = shift + bias.astype(dtype)
     # On CPU, keep the C-value folding out of the elementwise loop (computed once).
-    scale, shift = lax.platform_dependent(
-        scale, shift, cpu=lambda a, b: lax.optimization_barrier((a, b)), default=lambda a, b: (a, b)
-    )
+    if _on_cpu():
+        scale, shift = lax.optimization_barrier((scale, shift))
     y = x.astype(dtype) * per_feature(scale, reduce_axes) + per_feature(shift, reduce_axes)
     return y.astype(x.dtype)
 
@@ -297,14 +272,10 @@ def _sum_low_precision(terms: tuple[Array, ...], dtype: Any) -> Array:
     """
     full = jnp.broadcast_shapes(*(t.shape for t in terms))
 
-    def split(*ts: Array) -> Array:
-        parts = lax.optimization_barrier(tuple(jnp.broadcast_to(t, full).astype(dtype) for t in ts))
-        return functools.reduce(operator.add, parts)
-
-    def plain(*ts: Array) -> Array:
-        return functools.reduce(operator.add, ts).astype(dtype)
-
-    return lax.platform_dependent(*terms, cpu=split, default=plain)
+    if not _on_cpu():
+        return functools.reduce(operator.add, terms).astype(dtype)
+    parts = lax.optimization_barrier(tuple(jnp.broadcast_to(t, full).astype(dtype) for t in terms))
+    return functools.reduce(operator.add, parts)
 
 
 _bn_train.defjvp(_bn_train_jvp, symbolic_zeros=True)

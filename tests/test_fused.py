@@ -1,8 +1,9 @@
 """The fast training path (`bnjax/_fused.py`) against the general path and closed forms.
 
 `apply` without `mask`/`axis_name` takes the fused path (closed-form `custom_jvp`,
-guarded raw moments on CPU); with an all-True mask it takes the general path
-(`batch_moments` + autodiff). Both must give the same numbers, derivatives included.
+moments shifted by the first sample, no data-dependent branch); with an all-True mask
+it takes the general path (`batch_moments` + autodiff). Both must give the same
+numbers, derivatives included.
 """
 
 import jax
@@ -13,6 +14,7 @@ from jax.test_util import check_grads
 from reference import ref_batchnorm
 
 import bnjax
+from bnjax import _fused
 
 
 def _general(params, stats, x, axis):
@@ -40,7 +42,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape, axis, dtype, affine", CASES)
-@pytest.mark.parametrize("mean", [0.3, 1e3])  # raw moments, and the shifted fallback
+@pytest.mark.parametrize("mean", [0.3, 1e3])  # a large mean cancels in raw moments
 def test_fast_path_matches_general_path(shape, axis, dtype, affine, mean):
     rng = np.random.default_rng(0)
     axes = (axis,) if isinstance(axis, int) else axis
@@ -137,3 +139,42 @@ def test_eval_folded_matches_reference():
     y_ref, _ = ref_batchnorm(x, *np_params, np_stats, train=False)
     np.testing.assert_allclose(y, y_ref, rtol=2e-6, atol=2e-6)
     assert new["num_batches_tracked"] == 3
+
+
+def _train_step_fn(dtype):
+    """One BatchNorm's training forward+backward, the unit of a model's compile."""
+    params, stats = bnjax.init(4)
+    x = jnp.asarray(np.random.default_rng(5).normal(3.0, 2.0, (8, 3, 3, 4)), dtype)
+
+    def fwd_bwd(p, x):
+        (y, new), vjp = jax.vjp(lambda p, x: bnjax.apply(p, stats, x, True), p, x)
+        return y, new, vjp((jnp.sin(y), jax.tree.map(jnp.zeros_like, new)))
+
+    return fwd_bwd, (params, x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_step_compiles_without_control_flow(dtype):
+    """No `cond`/`switch` reaches XLA: each costs ~0.1 s of compile per BatchNorm
+    (benchmarks/compile_cost.py), paid by every layer of a model at every compile."""
+    fn, args = _train_step_fn(dtype)
+    lowered = jax.jit(fn).lower(*args)
+    text = lowered.as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    assert " conditional(" not in lowered.compile().as_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backend_layout_changes_no_value(dtype, monkeypatch):
+    """The CPU layout (optimization barriers) and the other backends' compute the same
+    numbers: the trace-time choice of `_on_cpu` only moves fusion boundaries."""
+    fn, args = _train_step_fn(dtype)
+    outs = {}
+    for on_cpu in (True, False):
+        monkeypatch.setattr(_fused, "_on_cpu", lambda on_cpu=on_cpu: on_cpu)
+        outs[on_cpu] = jax.jit(fn)(*args)
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False]), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+        )
