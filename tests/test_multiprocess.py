@@ -274,15 +274,17 @@ def collective_costs(res: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
 def expected_costs(layers: int, path: str) -> tuple[int, int]:
     """The all-reduces of one forward + backward pass with `layers` x (dense -> BN(C)).
 
-    Per BatchNorm layer: 3 all-reduces of 6C float32 values in all (forward: the
-    shift and the shifted sums S1, S2; backward: sum(dy) and sum(dy * x_hat), which
-    are also the layer's weight and bias gradients). Once per step: the dense
-    layers' gradients and the loss in one combined all-reduce; path B adds the
-    (static) element count, 1 int32.
+    Per BatchNorm layer, 3 all-reduces. Path A (`jit`, the fused path and its
+    closed-form derivative): 5C float32 values (forward: the shift, then the shifted
+    sums S1, S2; backward: sum(dy) and sum(dy * x_hat), which are also the layer's
+    weight and bias gradients). Path B (`shard_map` + `axis_name`, the general path
+    differentiated by JAX): 6C values. Once per step: the dense layers' gradients and
+    the loss; path B adds the (static) element count, 1 int32.
     """
     c, dense = W.H, W.F * W.H + (layers - 1) * W.H * W.H
     ops = 3 * layers + 1 + (path == "B")
-    return ops, 4 * (6 * c * layers + dense + 1) + 4 * (path == "B")
+    per_layer = 5 * c if path == "A" else 6 * c
+    return ops, 4 * (per_layer * layers + dense + 1) + 4 * (path == "B")
 
 
 PARAMS_NP = {k: np.asarray(v) for k, v in W.PARAMS.items()}
