@@ -4,7 +4,8 @@ The convention (docs/contributing.md says it for authors):
 
 - Each page runs top to bottom in one fresh namespace, like a notebook: a block may
   use names from an earlier block of the same page, never from another page.
-- Blocks run in a fresh temporary directory (files they write vanish after the page).
+- Blocks run in a fresh temporary directory (files they write vanish after the page),
+  with `BNJAX_REPO` set to the checkout for pages that read its files (fixtures).
 - A block fenced as ```python runs. Listings that are not code to run (a signature,
   a shell session) use another fence: ```text, ```bash, ```pycon.
 - The line just above a block (blank lines aside) may be an HTML comment that tells the
@@ -63,6 +64,7 @@ def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     if not blocks:
         pytest.skip("no python blocks")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BNJAX_REPO", str(ROOT))  # pages that read the repo's files
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     ran = skipped = 0
     for line, source, mark in blocks:
