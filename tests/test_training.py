@@ -366,7 +366,7 @@ def test_corrected_momentum_closed_form():
 
 
 def _jaxprs_in_params(params):
-    """`jax.extend.core.jaxprs_in_params`, which jax < 0.10 lacks (the suite supports 0.8.2)."""
+    """`jax.extend.core.jaxprs_in_params`, which jax < 0.10 lacks (kept portable to older jax)."""
     for value in params.values():
         for v in value if isinstance(value, tuple) else (value,):
             if isinstance(v, jax.extend.core.Jaxpr):
