@@ -245,8 +245,14 @@ def _bn_train_jvp(
         dy = dy + per_feature(u, reduce_axes)
     else:
         dxf = dx.astype(dtype)
-        dmean = _sum(dxf, reduce_axes) / n  # E[dx]
+        # `cov` before `dmean`, on purpose. Reverse mode adds up the cotangent of `x`
+        # in the opposite order, so its last addition is of two full-size terms and
+        # XLA:CPU computes it once. With the per-feature broadcast of `dmean` added
+        # last, XLA counts the sum as a cheap unary op and recomputes all of it inside
+        # each consumer: in a network, inside the strided transposed copy that the
+        # previous convolution's weight gradient reads (docs/performance_models.md).
         cov = _sum((x_r.astype(dtype) - per_feature(mean_r, reduce_axes)) * dxf, reduce_axes) / n
+        dmean = _sum(dxf, reduce_axes) / n  # E[dx]
         dvar = 2 * cov  # d var = 2 E[(x - mean) dx]
         t = t - a * rstd * rstd * cov
         u = u - a * dmean

@@ -178,3 +178,27 @@ def test_backend_layout_changes_no_value(dtype, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
         )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_x_cotangent_ends_in_a_full_size_sum(dtype):
+    """The gradient of `x` ends with an addition of two full-size terms.
+
+    XLA counts an addition with a broadcast operand as a cheap unary op and recomputes
+    it, with everything that feeds it, inside each consumer: in a network, inside the
+    strided transposed copy the previous convolution's weight gradient reads, which
+    made a ResNet-50's training step 8% slower on CPU (docs/performance_models.md).
+    """
+    params, stats = bnjax.init(4)
+    x = jnp.asarray(np.random.default_rng(6).normal(1.0, 2.0, (8, 3, 3, 4)), dtype)
+    _, vjp = jax.vjp(lambda x: bnjax.apply(params, stats, x, True)[0], x)
+    jaxpr = jax.make_jaxpr(vjp)(jnp.ones_like(x)).jaxpr
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    passthrough = {"convert_element_type", "reshape", "optimization_barrier", "pjit"}
+    eqn = producers[jaxpr.outvars[0]]
+    while eqn.primitive.name in passthrough:
+        eqn = producers[eqn.invars[0]]
+    assert eqn.primitive.name in ("add", "add_any"), eqn
+    for v in eqn.invars:
+        assert v.aval.shape == x.shape, eqn
+        assert producers[v].primitive.name != "broadcast_in_dim", eqn
