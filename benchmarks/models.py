@@ -499,6 +499,7 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
                 continue
             for what, r, bound in _checks(model, im, ref):
                 resolution = abs(control[what] - 1.0)
+                r, resolution = round(r, 3), round(resolution, 3)  # as printed
                 if r <= bound:
                     verdict = "MET"
                 elif r <= bound + resolution:
