@@ -5,6 +5,7 @@ Usage (from the repository root):
     python benchmarks/models.py --quick        # a minute or two: mlp, resnet18, accum; float32
     python benchmarks/models.py                # full run, writes benchmarks/models_results.md
     python benchmarks/models.py --models resnet18 --dtypes float32 --rounds 9
+    python benchmarks/models.py --models resnet50 --dtypes float32 --batch 32 --out /tmp/b32.md
 
 Models (channels-last, reduced image size so that CPU runs stay short):
 
@@ -538,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compiles", type=int, default=None, help="fresh compiles per step")
     ap.add_argument("--target-ms", type=float, default=None, help="time per round per impl")
     ap.add_argument("--out", default=None, help="results file (default: models_results.md)")
+    ap.add_argument("--batch", type=int, default=None, help="override every model's batch")
     args = ap.parse_args(argv)
 
     quick = args.quick
@@ -547,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     compiles = args.compiles or (1 if quick else 3)
     target_s = (args.target_ms or (50 if quick else 200)) / 1e3
     cfgs = configs(quick)
+    if args.batch:
+        cfgs = {k: Config(c.name, args.batch, c.image, c.features) for k, c in cfgs.items()}
 
     print(machine_line(), flush=True)
     start = load_line()
