@@ -5,6 +5,8 @@ Usage (from the repository root):
     python benchmarks/compile_cost.py --hlo               # deterministic: op counts only
     python benchmarks/compile_cost.py --rounds 3          # + paired compile-time ratios
     python benchmarks/compile_cost.py --model resnet18    # the same on the whole model
+    python benchmarks/compile_cost.py --model resnet50 --rounds 5 --run 11 \
+        --variants "shipped,guard (lax.cond) only"
 
 Two kinds of measure:
 
@@ -136,6 +138,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     ),
     "guard (lax.cond) only": lambda: _patched(_moments=_moments_with(_guarded_raw_moments)),
     "raw without guard (unsafe)": lambda: _patched(_moments=_moments_with(_raw_only)),
+    "no CPU barriers": lambda: _patched(_on_cpu=lambda: False),
 }
 
 
@@ -180,11 +183,11 @@ def bn_workload(
     return fb, (p, x, g)
 
 
-def model_workload(impl: str, quick: bool) -> tuple[Callable, tuple]:
+def model_workload(model: str, impl: str, quick: bool) -> tuple[Callable, tuple]:
+    """A whole training step of a `benchmarks/models.py` model (float32)."""
     import models  # benchmarks/models.py
 
-    cfg = models.configs(quick=True)["resnet18"] if quick else models.configs(False)["resnet18"]
-    cfg = models.Config("resnet18", cfg.batch, cfg.image)
+    cfg = models.configs(quick)[model]
     impls = models.build(cfg, jnp.dtype("float32"))
     im = next(
         i for i in impls if i.name == ("flax.linen" if impl == "flax.linen" else "bnjax.linen")
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hlo", action="store_true", help="op counts only (no timing)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model", default=None, help="resnet18: a whole training step")
+    ap.add_argument("--model", default=None, help="resnet18, resnet50: a whole training step")
     ap.add_argument("--quick", action="store_true", help="with --model: the quick size")
     ap.add_argument("--shape", default="16,16,16,64")
     ap.add_argument("--dtype", default="float32")
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def make(kind: str, impl: str) -> tuple[Callable, tuple]:
         if args.model:
-            return model_workload(impl, args.quick)
+            return model_workload(args.model, impl, args.quick)
         return bn_workload(kind, shape, impl, args.dtype)
 
     rows = workloads()
