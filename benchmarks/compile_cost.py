@@ -188,7 +188,7 @@ def model_workload(model: str, impl: str, quick: bool) -> tuple[Callable, tuple]
     import models  # benchmarks/models.py
 
     cfg = models.configs(quick)[model]
-    impls = models.build(cfg, jnp.dtype("float32"))
+    impls = models.build(cfg, jnp.dtype("float32"), control=False)
     im = next(
         i for i in impls if i.name == ("flax.linen" if impl == "flax.linen" else "bnjax.linen")
     )

@@ -192,7 +192,6 @@ class Impl:
     eval: Callable  # (params, batch_stats, x) -> logits
     batch: tuple  # (x, labels), or (k, ...) micro-batches for the accumulation step
     eval_x: jax.Array
-    model: Any = None  # the linen module, where there is one
     compiled_train: Any = None
     compiled_eval: Any = None
     compile_train_s: list[float] = field(default_factory=list)
@@ -223,7 +222,7 @@ def linen_impl(name: str, model: nn.Module, x: jax.Array, labels: jax.Array) -> 
         return model.apply({"params": params, "batch_stats": stats}, x, train=False)
 
     state = (params, stats, OPTIMIZER.init(params))
-    return Impl(name, state, train, evaluate, (x, labels), x, model=model)
+    return Impl(name, state, train, evaluate, (x, labels), x)
 
 
 def accum_impl(name: str, model: nn.Module, x: jax.Array, labels: jax.Array, k: int) -> Impl:
@@ -249,7 +248,7 @@ def accum_impl(name: str, model: nn.Module, x: jax.Array, labels: jax.Array, k: 
 
     batch = training.split_micro_batches((x, labels), k)
     state = (params, stats, OPTIMIZER.init(params))
-    return Impl(name, state, train, evaluate, batch, x, model=model)
+    return Impl(name, state, train, evaluate, batch, x)
 
 
 def functional_mlp_impl(hidden: Sequence[int], x: jax.Array, labels: jax.Array) -> Impl:
@@ -307,7 +306,10 @@ class Config:
     features: int = 784
 
 
-def configs(quick: bool) -> dict[str, Config]:
+def configs(quick: bool, batch: int | None = None) -> dict[str, Config]:
+    """The models at their benchmark sizes; `batch` overrides every model's batch."""
+    if batch:
+        return {k: Config(c.name, batch, c.image, c.features) for k, c in configs(quick).items()}
     if quick:
         return {
             "resnet18": Config("resnet18", 8, 32),
@@ -323,7 +325,7 @@ def configs(quick: bool) -> dict[str, Config]:
     }
 
 
-def build(cfg: Config, dtype: Any) -> list[Impl]:
+def build(cfg: Config, dtype: Any, control: bool = True) -> list[Impl]:
     rng = np.random.default_rng(0)
     if cfg.image is None:
         x = rng.standard_normal((cfg.batch, cfg.features), np.float32)
@@ -332,7 +334,13 @@ def build(cfg: Config, dtype: Any) -> list[Impl]:
     x = jnp.asarray(x, dtype)
     labels = jnp.asarray(rng.integers(0, CLASSES, cfg.batch), jnp.int32)
     impls = []
-    for name, norm in (("bnjax.linen", bnjax_norm), (REF, flax_norm)):
+    builds = [("bnjax.linen", bnjax_norm), (REF, flax_norm)]
+    if control:
+        # flax.linen's model once more, built, compiled and timed like the others. It
+        # is the same program, so its ratio to flax.linen is this method's resolution
+        # (where XLA happens to place buffers, what else the machine does).
+        builds.append((CONTROL, flax_norm))
+    for name, norm in builds:
         n = norm(dtype)
         if cfg.name in ("resnet18", "accum"):
             model = ResNet((2, 2, 2, 2), BasicBlock, 64, n, dtype)
@@ -346,14 +354,6 @@ def build(cfg: Config, dtype: Any) -> list[Impl]:
             impls.append(linen_impl(name, model, x, labels))
     if cfg.name == "mlp":
         impls.insert(1, functional_mlp_impl((512, 512), x, labels))
-    # The control: flax.linen's model once more, built, compiled and timed like the
-    # others. It is the same program, so its ratio to flax.linen is this method's
-    # resolution (where XLA happens to place buffers, what else the machine does).
-    ref = next(im for im in impls if im.name == REF)
-    if cfg.name == "accum":
-        impls.append(accum_impl(CONTROL, ref.model, x, labels, 4))
-    else:
-        impls.append(linen_impl(CONTROL, ref.model, x, labels))
     return impls
 
 
@@ -548,9 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (3 if quick else 11)
     compiles = args.compiles or (1 if quick else 3)
     target_s = (args.target_ms or (50 if quick else 200)) / 1e3
-    cfgs = configs(quick)
-    if args.batch:
-        cfgs = {k: Config(c.name, args.batch, c.image, c.features) for k, c in cfgs.items()}
+    cfgs = configs(quick, args.batch)
 
     print(machine_line(), flush=True)
     start = load_line()
@@ -558,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     # The process's first compiles pay one-time costs (LLVM, JAX's caches) that would
     # fall on whichever implementation comes first: pay them on a throwaway model.
-    for im in build(configs(quick=True)["mlp"], jnp.dtype(dtypes[0])):
+    for im in build(configs(quick=True)["mlp"], jnp.dtype(dtypes[0]), control=False):
         _compile(im.train, (*im.state, im.batch))
     results: dict[tuple[str, str], list[Impl]] = {}
     for model in models.split(","):

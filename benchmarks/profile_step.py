@@ -74,10 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
-    cfg = models.configs(False)[args.model]
-    if args.batch:
-        cfg = models.Config(cfg.name, args.batch, cfg.image, cfg.features)
-    impls = [im for im in models.build(cfg, jnp.dtype(args.dtype)) if "control" not in im.name]
+    cfg = models.configs(False, args.batch)[args.model]
+    impls = models.build(cfg, jnp.dtype(args.dtype), control=False)
     impls = [impls[0], next(im for im in impls if im.name == models.REF)]
     results = {}
     for im in impls:
