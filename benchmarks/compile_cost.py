@@ -65,7 +65,7 @@ def _raw_only(x, reduce_axes, n):
 # mean^2 > 4 var, and every CPU/GPU choice a `lax.platform_dependent`.
 
 
-def _pd_split(v, k):
+def _pd_copies(v, k):
     return lax.platform_dependent(
         v, cpu=lambda v: lax.optimization_barrier((v,) * k), default=lambda v: (v,) * k
     )
@@ -73,9 +73,9 @@ def _pd_split(v, k):
 
 def _guarded_raw_moments(x, reduce_axes, n):
     dtype = _stats.stats_dtype(x.dtype)
-    xf1, xf2 = _fused._upcasts(x, dtype, 2)
-    mean = jnp.sum(xf1, reduce_axes) / n
-    var = jnp.sum(xf2 * xf2, reduce_axes) / n - mean * mean
+    xf = x.astype(dtype)
+    mean = jnp.sum(xf, reduce_axes) / n
+    var = jnp.sum(xf * xf, reduce_axes) / n - mean * mean
     ok = jnp.max(mean * mean - 4.0 * var) <= 0
     return lax.cond(
         ok,
@@ -134,7 +134,7 @@ def _autodiff_apply(params, batch_stats, x, train, **kw):
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "shipped": contextlib.nullcontext,
     "before: guard + platform_dependent": lambda: _patched(
-        _split=_pd_split, _moments=_moments_with(_pd_moments)
+        _copies=_pd_copies, _moments=_moments_with(_pd_moments)
     ),
     "guard (lax.cond) only": lambda: _patched(_moments=_moments_with(_guarded_raw_moments)),
     "raw without guard (unsafe)": lambda: _patched(_moments=_moments_with(_raw_only)),

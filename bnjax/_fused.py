@@ -19,8 +19,12 @@
   forward mode, reverse mode and every higher order work, under `jit`, `vmap`,
   `checkpoint` and `scan`.
 
-* Low-precision `x` (and, in reverse mode, the cotangent) is converted to float32
-  inside each kernel that reads it, never written to memory in float32.
+* A low-precision `x` is upcast by one plain conversion that every reader shares. In
+  a network `x` is the output of a convolution or matmul that XLA:CPU computes in
+  float32, and XLA drops the round trip through bfloat16 (its default
+  `xla_allow_excess_precision`), so each reader takes that float32 result as it is,
+  as in flax.linen. In reverse mode each term of `dx` is cast on its own
+  (`_sum_low_precision`).
 
 Only the static, unmasked, unsynchronized case comes here (`apply` keeps autodiff
 through `batch_moments` for `mask` and `axis_name`). `batch_norm_eval` is the eval
@@ -88,12 +92,13 @@ def _copies(v: Array, k: int) -> tuple[Array, ...]:
     inside each fused kernel. Costs nothing: the copies are C values. Other
     backends get `v` itself: a barrier there would split XLA:GPU's multi-output
     fusion of sibling reductions.
+
+    Only per-feature arrays. Barriers on a full-size low-precision `x`, so that each
+    reader converted it itself, were faster per op on a bfloat16 `x` in memory, but
+    made XLA write each convolution's float32 output in bfloat16 first: a conversion
+    kernel between every convolution and its BatchNorm, which cost whole bfloat16
+    training steps up to 9% on two cores (docs/performance_models.md).
     """
-    return _split(v, k)
-
-
-def _split(v: Array, k: int) -> tuple[Array, ...]:
-    """`k` barrier-separated aliases of `v` on CPU, `(v,) * k` elsewhere."""
     if _on_cpu():
         return lax.optimization_barrier((v,) * k)
     return (v,) * k
@@ -112,19 +117,6 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _upcasts(x: Array, dtype: Any, k: int) -> tuple[Array, ...]:
-    """`k` upcasts of `x` to `dtype`, each fused into its own consumer.
-
-    A low-precision `x` converted once and read by several reductions would be
-    materialized in float32 (twice the bytes of `x`, written and read back); a
-    barrier makes `k` distinct (aliased, not copied) inputs, each converted in
-    registers inside its kernel. A float32 `x` needs no conversion.
-    """
-    if x.dtype == dtype:
-        return (x,) * k
-    return tuple(c.astype(dtype) for c in _split(x, k))
-
-
 def _sum(v: Array, reduce_axes: tuple[int, ...]) -> Array:
     return jnp.sum(v, axis=reduce_axes)
 
@@ -135,9 +127,9 @@ def _shifted_moments(
     """mean, var from S1 = sum(x - K), S2 = sum((x - K)^2); K close to the mean."""
     dtype = stats_dtype(x.dtype)
     k1, k2 = _copies(shift, 2)
-    xf1, xf2 = _upcasts(x, dtype, 2)
-    s1 = _sum(xf1 - per_feature(k1, reduce_axes), reduce_axes)
-    d2 = xf2 - per_feature(k2, reduce_axes)
+    xf = x.astype(dtype)
+    s1 = _sum(xf - per_feature(k1, reduce_axes), reduce_axes)
+    d2 = xf - per_feature(k2, reduce_axes)
     s2 = _sum(d2 * d2, reduce_axes)
     m = s1 / n
     return shift + m, jnp.maximum(s2 / n - m * m, 0)
@@ -230,8 +222,8 @@ def _bn_train_jvp(
     dtype = mean.dtype
     rstd, a = fold_scale(var, weight, eps)
     mean_y, mean_r, mean_t = _copies(mean, 3)
-    x_y, x_r, x_t = (x,) * 3 if x.dtype == dtype else _split(x, 3)
-    y = affine(x_y, mean_y, a, bias, reduce_axes)
+    y = affine(x, mean_y, a, bias, reduce_axes)
+    xf = x.astype(dtype)
 
     # Per-feature coefficients of dy = a dx + (x - mean) t + u.
     t = jnp.zeros_like(rstd)
@@ -243,7 +235,7 @@ def _bn_train_jvp(
     if isinstance(dx, SymbolicZero):
         dmean = jnp.zeros_like(mean)
         dvar = jnp.zeros_like(var)
-        dy = (x_t.astype(dtype) - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes)
+        dy = (xf - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes)
         dy = dy + per_feature(u, reduce_axes)
     else:
         dxf = dx.astype(dtype)
@@ -253,14 +245,14 @@ def _bn_train_jvp(
         # last, XLA counts the sum as a cheap unary op and recomputes all of it inside
         # each consumer: in a network, inside the strided transposed copy that the
         # previous convolution's weight gradient reads (docs/performance_models.md).
-        cov = _sum((x_r.astype(dtype) - per_feature(mean_r, reduce_axes)) * dxf, reduce_axes) / n
+        cov = _sum((xf - per_feature(mean_r, reduce_axes)) * dxf, reduce_axes) / n
         dmean = _sum(dxf, reduce_axes) / n  # E[dx]
         dvar = 2 * cov  # d var = 2 E[(x - mean) dx]
         t = t - a * rstd * rstd * cov
         u = u - a * dmean
         terms = (
             dxf * per_feature(a, reduce_axes),
-            (x_t.astype(dtype) - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes),
+            (xf - per_feature(mean_t, reduce_axes)) * per_feature(t, reduce_axes),
             per_feature(u, reduce_axes),
         )
         if x.dtype != dtype:
@@ -275,8 +267,11 @@ def _sum_low_precision(terms: tuple[Array, ...], dtype: Any) -> Array:
     The transpose of one cast is one upcast of the cotangent `g` that feeds two
     reductions and the `dx` pass; XLA:CPU writes such a shared upcast to memory in
     float32. Casting each term on its own, behind a barrier, transposes to one upcast
-    per consumer, each fused into its kernel. Reverse mode is unchanged in value; a
-    forward-mode tangent is rounded per term (a few low-precision ulps).
+    per consumer, each fused into its kernel. Unlike a barrier on `x`, this one costs a
+    network nothing: the `g` that reaches BatchNorm comes out of the activation's
+    backward, a kernel that writes it in low precision anyway. Reverse mode is
+    unchanged in value; a forward-mode tangent is rounded per term (a few
+    low-precision ulps).
     """
     full = jnp.broadcast_shapes(*(t.shape for t in terms))
 

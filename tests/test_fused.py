@@ -7,6 +7,7 @@ numbers, derivatives included.
 """
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -178,6 +179,45 @@ def test_backend_layout_changes_no_value(dtype, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
         )
+
+
+def _eqns(jaxpr):
+    """Every equation of `jaxpr`, those of its sub-jaxprs (pjit, scan, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    v = v.jaxpr
+                if isinstance(v, jax.extend.core.Jaxpr):
+                    yield from _eqns(v)
+
+
+def test_no_barrier_holds_x():
+    """A bfloat16 training step reads `x` through plain conversions, no barrier.
+
+    In a network `x` is a convolution's output that XLA:CPU computes in float32 and,
+    left alone, reads back in float32 without the round trip through bfloat16. A
+    barrier on `x` makes XLA write it in bfloat16 first: a conversion kernel between
+    every convolution and its BatchNorm, up to 9% of a bfloat16 training step on two
+    cores (docs/performance_models.md).
+    """
+    params, stats = bnjax.init(4)
+    x = jnp.asarray(np.random.default_rng(7).normal(1.0, 2.0, (8, 3, 3, 4)), jnp.bfloat16)
+
+    def loss(params, x):
+        y, new_stats = bnjax.apply(params, stats, x, True)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))) + jnp.sum(new_stats["running_var"])
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr
+    x_var = jaxpr.invars[-1]
+    assert x_var.aval.shape == x.shape
+    barriers = [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+    if jax.default_backend() == "cpu":
+        assert barriers, "the per-feature copies are behind barriers on CPU"
+    readers = {e.primitive.name for e in jaxpr.eqns if x_var in e.invars}
+    assert readers, "x is read at the top level of the jaxpr"
+    assert "optimization_barrier" not in readers, readers
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
