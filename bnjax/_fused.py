@@ -28,7 +28,7 @@
 
 Only the static, unmasked, unsynchronized case comes here (`apply` keeps autodiff
 through `batch_moments` for `mask` and `axis_name`). `batch_norm_eval` is the eval
-pass: one multiply-add per element with scale and shift folded first. Measurements
+pass, `(x - mean) * a + bias` as in training. Measurements
 and the reasons for each choice: docs/performance.md.
 """
 
@@ -160,12 +160,15 @@ def batch_norm_eval(
     eps: float,
     reduce_axes: tuple[int, ...],
 ) -> Array:
-    """BatchNorm with given statistics as one per-feature multiply-add.
+    """BatchNorm with given statistics: `y = (x - mean) * a + bias`, `a = weight * rstd`.
 
-    `scale = weight * rsqrt(var + eps)` and `shift = bias - mean * scale` are folded
-    first (C values), so the pass over `x` is `x * scale + shift`, one fused
-    multiply-add per element. Folding costs at most a few ulps of `mean * scale`,
-    the order of the rounding already in a float32 `x` of that magnitude.
+    The form of the training path and of flax.linen. `x - mean` keeps the digits of
+    large-mean inputs: for `x ~ 1e4 + randn` in float32, 5e-7 from the float64 result
+    where folding the mean into a shift (`x * a + (bias - mean * a)`, PyTorch's CPU
+    inference kernel) is 5e-4 off (scripts/perf_numerics.py). Nor would the folding
+    save time: XLA:CPU fuses the per-feature arithmetic into the pass over `x`, where
+    the folded form is three operations more per element than this one (op for op
+    flax.linen's program) and cost a ResNet-50's eval pass 1 to 2 percent.
 
     Args:
       x: a floating-point array.
@@ -185,19 +188,8 @@ def batch_norm_eval(
       (2, 3)
     """
     dtype = stats_dtype(jnp.result_type(x.dtype, mean.dtype, var.dtype))
-    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
-    if weight is not None:
-        scale = scale * weight.astype(dtype)
-    shift = -mean.astype(dtype) * scale
-    if bias is not None:
-        shift = shift + bias.astype(dtype)
-    # XLA:CPU fuses these C-value operations into the pass over `x` (the compiled
-    # program is the same with an optimization barrier here): a few multiply-adds more
-    # per element of a memory-bound pass. Ending `scale` in a division would keep them
-    # out, but a `shift` rounded apart from `scale` doubles the error of large-mean
-    # inputs (scripts/perf_numerics.py) for no eval time measurable in a model.
-    y = x.astype(dtype) * per_feature(scale, reduce_axes) + per_feature(shift, reduce_axes)
-    return y.astype(x.dtype)
+    _, a = fold_scale(var.astype(dtype), weight, eps)
+    return affine(x, mean.astype(dtype), a, bias, reduce_axes)
 
 
 # ------------------------------------------------------------ the custom derivative

@@ -4,8 +4,9 @@
    float64 variance of the same float32 values, as the ratio `mean^2 / var` grows:
    the model `c * (1 + mean^2 / var)` and its fitted `c` (the CPU fast path trusts raw
    moments while `mean^2 <= 4 var`).
-2. The eval path's folded multiply-add, `x * scale + shift`, against the float64
-   `(x - running_mean) * weight / sqrt(running_var + eps) + bias`, for `x ~ 1e4 + randn`.
+2. The eval path against the float64 `(x - running_mean) * weight / sqrt(running_var +
+   eps) + bias`, for `x ~ 1e4 + randn`; and what folding the mean into the shift, `x *
+   scale + (bias - running_mean * scale)` (PyTorch's CPU inference kernel), would give.
 
     python scripts/perf_numerics.py
 
@@ -62,6 +63,14 @@ def eval_fold_error() -> None:
     ref = (x64 - m32) / np.sqrt(v32 + 1e-5)
     err = np.max(np.abs(np.asarray(y, np.float64) - ref))
     print(f"eval, x ~ 1e4 + randn {SHAPE} float32: max |y - float64 reference| = {err:.1e}")
+    folded = jax.jit(_folded)(jnp.asarray(x), stats["running_mean"], stats["running_var"])
+    err = np.max(np.abs(np.asarray(folded, np.float64) - ref))
+    print(f"  the mean folded into the shift, x * scale + shift: {err:.1e}")
+
+
+def _folded(x, mean, var):
+    scale = jax.lax.rsqrt(var + 1e-5)
+    return x * scale + (-mean * scale)
 
 
 if __name__ == "__main__":

@@ -409,6 +409,33 @@ def test_large_mean_variance_is_accurate():
     assert np.max(np.abs(naive - var)) > 0.05  # the trap this test guards against is real
 
 
+def test_large_mean_eval_is_accurate():
+    """Eval keeps `x - running_mean` exact: folding the mean into a shift is 5e-4 off here."""
+    rng = np.random.default_rng(13)
+    x = (1e4 + rng.normal(size=(16, 5, 5, 4))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    params = {
+        "weight": jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    }
+    _, stats = bnjax.init(4)
+    stats = dict(
+        stats,
+        running_mean=jnp.asarray(x64.mean(axis=(0, 1, 2)), jnp.float32),
+        running_var=jnp.asarray(x64.var(axis=(0, 1, 2)), jnp.float32),
+    )
+    y, _ = jax.jit(bnjax.apply, static_argnames=("train",))(params, stats, x, train=False)
+    # Against float64 arithmetic on the same float32 values (x and the stored statistics).
+    m, v, w, b = (
+        np.asarray(stats["running_mean"], np.float64),
+        np.asarray(stats["running_var"], np.float64),
+        np.asarray(params["weight"], np.float64),
+        np.asarray(params["bias"], np.float64),
+    )
+    y_ref = (x64 - m) / np.sqrt(v + 1e-5) * w + b
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5)
+
+
 # --- errors ------------------------------------------------------------------------
 
 
