@@ -34,21 +34,26 @@ Method (as `bench_bn.py`):
   back to back inside a round; ratio = median over rounds of the per-round ratio (a
   slow spell of a shared machine scales both), with the quartiles of those ratios.
 * Memory: `compiled.memory_analysis()` of the training step (temporary buffers, and
-  and the total, arguments + outputs + temporaries - donated aliases: the most the
+  the total, arguments + outputs + temporaries - donated aliases: the most the
   step holds at once, by XLA's buffer assignment).
 * Control: flax.linen's model is built, compiled and timed a second time
   (`flax.linen (control)`). It is the same program, so its distance from 1.0x is what
   this method cannot resolve (where XLA places buffers, what else the machine does);
   a ratio over its target by less than that is reported `within resolution`.
+* Same program: a verdict other than MET says when XLA compiled bnjax's step or eval
+  into flax.linen's program, instruction for instruction (names and source locations
+  aside); a ratio between them is then the machine's.
 * glibc's allocator is pinned first (`_common.pin_malloc`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -392,6 +397,19 @@ def compile_all(impls: list[Impl], compiles: int) -> None:
         }
 
 
+def xla_program(compiled: Any) -> collections.Counter:
+    """A compiled program's instructions, without names, metadata or source locations.
+
+    Two implementations with equal counters run the same kernels: XLA compiled the
+    same program for both, and a time ratio between them is the machine's, not theirs.
+    """
+    lines = (
+        re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", ln)).strip()
+        for ln in compiled.as_text().splitlines()
+    )
+    return collections.Counter(ln for ln in lines if " = " in ln)
+
+
 def _fresh_state(im: Impl) -> tuple:
     """A copy of the initial state (the compiled step donates what it is given)."""
     return jax.tree.map(jnp.copy, im.state)
@@ -486,7 +504,9 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
 
     A ratio above its target by no more than the control's distance from 1.0 (the same
     program as flax.linen, measured the same way) is reported as `within resolution`:
-    this run cannot tell it from a met target.
+    this run cannot tell it from a met target. A verdict other than MET says when
+    bnjax's compiled program is flax.linen's, instruction for instruction
+    (`xla_program`): the difference is then in the machine, not in the kernels.
     """
     lines = []
     for (model, dtype), impls in results.items():
@@ -498,6 +518,10 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
         for im in impls:
             if im.name in (REF, CONTROL):
                 continue
+            same = {
+                "train": xla_program(im.compiled_train) == xla_program(ref.compiled_train),
+                "eval": xla_program(im.compiled_eval) == xla_program(ref.compiled_eval),
+            }
             for what, r, bound in _checks(model, im, ref):
                 resolution = abs(control[what] - 1.0)
                 r, resolution = round(r, 3), round(resolution, 3)  # as printed
@@ -507,6 +531,8 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
                     verdict = "within resolution"
                 else:
                     verdict = "missed"
+                if same.get(what) and verdict != "MET":
+                    verdict += " (the same XLA program as flax.linen's)"
                 lines.append(
                     f"{model} {dtype} {im.name} {what}: {r:.3f}x flax.linen "
                     f"(target <= {bound}; control {control[what]:.3f}x) {verdict}"
