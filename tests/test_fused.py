@@ -185,12 +185,8 @@ def _eqns(jaxpr):
     """Every equation of `jaxpr`, those of its sub-jaxprs (pjit, scan, ...) included."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for value in eqn.params.values():
-            for v in value if isinstance(value, tuple) else (value,):
-                if isinstance(v, jax.extend.core.ClosedJaxpr):
-                    v = v.jaxpr
-                if isinstance(v, jax.extend.core.Jaxpr):
-                    yield from _eqns(v)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
 
 
 def test_no_barrier_holds_x():

@@ -365,21 +365,11 @@ def test_corrected_momentum_closed_form():
 # --------------------------------------------------------------------------- 5. structure
 
 
-def _jaxprs_in_params(params):
-    """`jax.extend.core.jaxprs_in_params`, which jax < 0.10 lacks (kept portable to older jax)."""
-    for value in params.values():
-        for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, jax.extend.core.Jaxpr):
-                yield v
-            elif isinstance(v, jax.extend.core.ClosedJaxpr):
-                yield v.jaxpr
-
-
 def _count_eqns(jaxpr, name=None):
     total = 0
     for eqn in jaxpr.eqns:
         total += name is None or eqn.primitive.name == name
-        for sub in _jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             total += _count_eqns(sub, name)
     return total
 
