@@ -78,7 +78,7 @@ def load_line() -> str:
       >>> "load average" in load_line()
       True
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     try:
         one, five, fifteen = os.getloadavg()
     except OSError:

@@ -515,7 +515,7 @@ def machine_line() -> str:
     return (
         f"{_cpu_model()}, {os.cpu_count()} cores{accel}; Python {platform.python_version()}; "
         f"{_versions()}; mallopt pinned: {MALLOPT_OK}; "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
     )
 
 

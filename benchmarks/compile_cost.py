@@ -46,7 +46,9 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import bnjax  # noqa: E402
-from bnjax import _core, _fused, _stats  # noqa: E402
+from bnjax._core import functional as _core  # noqa: E402
+from bnjax._core import fused as _fused  # noqa: E402
+from bnjax._core import stats as _stats  # noqa: E402
 
 # ------------------------------------------------------------------------ variants
 

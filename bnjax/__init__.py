@@ -18,20 +18,20 @@ trees), `bnjax.training` (optax), `bnjax.interop` (PyTorch state_dict, NumPy onl
 
 from importlib.metadata import PackageNotFoundError, version
 
-from bnjax._conventions import momentum_from_flax as momentum_from_flax
-from bnjax._conventions import momentum_to_flax as momentum_to_flax
-from bnjax._core import apply as apply
-from bnjax._core import init as init
-from bnjax._core import normalize as normalize
-from bnjax._core import update_stats as update_stats
-from bnjax._layer import BatchNormConfig as BatchNormConfig
-from bnjax._layer import BatchNormLayer as BatchNormLayer
-from bnjax._layer import batch_norm as batch_norm
-from bnjax._renorm import Renorm as Renorm
-from bnjax._report import BatchNormReport as BatchNormReport
-from bnjax._report import collect_reports as collect_reports
-from bnjax._stats import Moments as Moments
-from bnjax._stats import batch_moments as batch_moments
+from bnjax._core.config import BatchNormConfig as BatchNormConfig
+from bnjax._core.conventions import momentum_from_flax as momentum_from_flax
+from bnjax._core.conventions import momentum_to_flax as momentum_to_flax
+from bnjax._core.functional import apply as apply
+from bnjax._core.functional import init as init
+from bnjax._core.functional import normalize as normalize
+from bnjax._core.functional import update_stats as update_stats
+from bnjax._core.layer import BatchNormLayer as BatchNormLayer
+from bnjax._core.layer import batch_norm as batch_norm
+from bnjax._core.renorm import Renorm as Renorm
+from bnjax._core.report import BatchNormReport as BatchNormReport
+from bnjax._core.report import collect_reports as collect_reports
+from bnjax._core.stats import Moments as Moments
+from bnjax._core.stats import batch_moments as batch_moments
 
 try:
     __version__ = version("bnjax")

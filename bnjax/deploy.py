@@ -21,26 +21,26 @@ BatchNorm's own `eps`) come through `bnjax.BatchNormReport`.
 See `docs/deployment.md`.
 """
 
-from bnjax._checkpoint import CheckpointError as CheckpointError
-from bnjax._checkpoint import restore_checkpoint as restore_checkpoint
-from bnjax._checkpoint import save_checkpoint as save_checkpoint
-from bnjax._eval_check import EvalCheckReport as EvalCheckReport
-from bnjax._eval_check import EvalTrapError as EvalTrapError
-from bnjax._eval_check import check_batch_independence as check_batch_independence
-from bnjax._fold import bn_scale_shift as bn_scale_shift
-from bnjax._fold import fold_batchnorms as fold_batchnorms
-from bnjax._fold import fold_into_kernel as fold_into_kernel
-from bnjax._fold_model import FoldedBatchNorm as FoldedBatchNorm
-from bnjax._fold_model import FoldedFunctional as FoldedFunctional
-from bnjax._fold_model import FoldedLinen as FoldedLinen
-from bnjax._fold_model import FoldPair as FoldPair
-from bnjax._fold_model import fold as fold
-from bnjax._precise_bn import precise_bn as precise_bn
-from bnjax._precise_bn import update_bn as update_bn
-from bnjax._sharded_checkpoint import (
+from bnjax._checkpoint.sharded import (
     restore_sharded_checkpoint as restore_sharded_checkpoint,
 )
-from bnjax._sharded_checkpoint import save_sharded_checkpoint as save_sharded_checkpoint
+from bnjax._checkpoint.sharded import save_sharded_checkpoint as save_sharded_checkpoint
+from bnjax._checkpoint.single import CheckpointError as CheckpointError
+from bnjax._checkpoint.single import restore_checkpoint as restore_checkpoint
+from bnjax._checkpoint.single import save_checkpoint as save_checkpoint
+from bnjax._deploy.eval_check import EvalCheckReport as EvalCheckReport
+from bnjax._deploy.eval_check import EvalTrapError as EvalTrapError
+from bnjax._deploy.eval_check import check_batch_independence as check_batch_independence
+from bnjax._deploy.fold import bn_scale_shift as bn_scale_shift
+from bnjax._deploy.fold import fold_batchnorms as fold_batchnorms
+from bnjax._deploy.fold import fold_into_kernel as fold_into_kernel
+from bnjax._deploy.fold_any import fold as fold
+from bnjax._deploy.fold_model import FoldedBatchNorm as FoldedBatchNorm
+from bnjax._deploy.fold_model import FoldedFunctional as FoldedFunctional
+from bnjax._deploy.fold_model import FoldedLinen as FoldedLinen
+from bnjax._deploy.fold_model import FoldPair as FoldPair
+from bnjax._deploy.precise_bn import precise_bn as precise_bn
+from bnjax._deploy.precise_bn import update_bn as update_bn
 
 __all__ = [
     "CheckpointError",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax._conventions import PARAM_KEYS, STAT_KEYS, is_batch_stats, to_plain_dict
+from bnjax._core.conventions import PARAM_KEYS, STAT_KEYS, is_batch_stats, to_plain_dict
 
 __all__ = [
     "FIXTURES",

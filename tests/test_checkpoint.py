@@ -142,7 +142,7 @@ def test_save_refuses_to_overwrite_and_rejects_typed_keys(tmp_path):
 
 pytest.importorskip("orbax.checkpoint", reason="sharded checkpoints are written with Orbax")
 
-from bnjax import _sharded_checkpoint  # noqa: E402
+from bnjax._checkpoint import sharded as _sharded_checkpoint  # noqa: E402
 from bnjax.deploy import restore_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
 
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax import _extras, _validate
-from bnjax._validate import feature_mismatch_hint
+from bnjax._core import extras as _extras
+from bnjax._core import validate as _validate
+from bnjax._core.validate import feature_mismatch_hint
 
 # --- "did you mean axis=1?" ------------------------------------------------------
 
@@ -156,6 +157,13 @@ def _hide(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
         monkeypatch.setitem(sys.modules, n, None)
 
 
+def _forget_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unload every bnjax module but the core, so the next import runs its imports again."""
+    for name in list(sys.modules):
+        if name.startswith("bnjax.") and not name.startswith("bnjax._core"):
+            monkeypatch.delitem(sys.modules, name)
+
+
 def test_missing_extra_message_is_the_one_spelling():
     assert (
         _extras.missing_extra_message("bnjax.linen", "flax")
@@ -199,8 +207,8 @@ def test_a_broken_install_is_not_reported_as_a_missing_extra(monkeypatch):
     ],
 )
 def test_optional_submodules_say_which_extra(monkeypatch, module, hidden, message):
-    _hide(monkeypatch, hidden, module)
-    monkeypatch.delitem(sys.modules, module)
+    _hide(monkeypatch, hidden)
+    _forget_tools(monkeypatch)
     with pytest.raises(ModuleNotFoundError) as info:
         importlib.import_module(module)
     assert str(info.value) == message
@@ -208,9 +216,9 @@ def test_optional_submodules_say_which_extra(monkeypatch, module, hidden, messag
 
 def test_core_and_flax_free_submodules_import_without_flax_or_optax(monkeypatch):
     """`import bnjax`, interop, flax_interop and deploy need neither flax nor optax."""
+    _hide(monkeypatch, "flax", "optax")
     for module in ("bnjax.interop", "bnjax.flax_interop", "bnjax.deploy"):
-        _hide(monkeypatch, "flax", "optax", module)
-        monkeypatch.delitem(sys.modules, module)
+        _forget_tools(monkeypatch)
         importlib.import_module(module)
 
 

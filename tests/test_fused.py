@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 from reference import ref_batchnorm
 
 import bnjax
-from bnjax import _fused
+from bnjax._core import fused as _fused
 
 
 def _general(params, stats, x, axis):

@@ -1,0 +1,500 @@
+"""Porting a whole model: `from_torch`, `to_torch` and `match_layers` (see `bnjax.interop`)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax._interop import pairing as L
+from bnjax._interop.pairing import Match, Matching, Rename
+
+_FIX = (
+    "Fix: name the Flax submodules after torch's modules (the default rule: "
+    "`layer1.0.conv1` <-> `layer1/0/conv1`, `layers_N`/`layers/N` <-> `N`), pass "
+    "`rename={torch_path: flax_path}`, or check the layer sizes; "
+    "`print(bnjax.interop.match_layers(state_dict, variables))` shows what was paired."
+)
+
+_SORTED = (
+    "Note: these variables have sorted keys (`jax.jit`, `jax.eval_shape` and `jax.tree.map` "
+    "sort dict keys), which loses the call order that pairs Flax's automatic names "
+    "(`Conv_0`, `BasicBlock_3`) with torch's modules. Build the template with "
+    "`bnjax.interop.flax_template(model, *inputs)`, or pass `model.init(...)`'s output as it "
+    "comes; for trained variables, `to_torch(..., definition_order=template)`."
+)
+
+
+def flax_template(model: Any, *args: Any, rng: Any = None, **kwargs: Any) -> Any:
+    """A linen model's variables as shapes and dtypes, in definition (call) order.
+
+    The template `from_torch` and `to_torch` need, without computing anything: like
+    `jax.eval_shape(model.init, ...)`, but with every dict in the order the modules were
+    first called (eval_shape, jit and tree maps sort keys), which is what pairs Flax's
+    automatic names (`Conv_0`, `BatchNorm_0`, `BasicBlock_3`) with torch's modules.
+
+    Args:
+      model: a `flax.linen.Module`.
+      *args: the inputs of `model.init` after the rng (e.g. a batch).
+      rng: the init key (default `jax.random.key(0)`; only shapes are computed).
+      **kwargs: keyword inputs of `model.init` (e.g. `train=False`, static).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` with `jax.ShapeDtypeStruct` leaves.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(2)(nn.LayerNorm()(nn.Conv(3, (1,))(x)))
+      >>> list(flax_template(Net(), jnp.ones((1, 4, 2)))["params"])
+      ['Conv_0', 'LayerNorm_0', 'Dense_0']
+    """
+    import jax
+
+    orders: list[list[tuple[Any, ...]]] = []
+
+    def init(key: Any, *a: Any) -> Any:
+        variables = model.init(key, *a, **kwargs)
+        orders.append([path for path, _ in L.walk_template(variables)])
+        return variables
+
+    key = jax.random.key(0) if rng is None else rng
+    abstract = jax.eval_shape(init, key, *args)
+    return _reorder(abstract, orders[0])
+
+
+def reorder_like(tree: Any, like: Any) -> Any:
+    """`tree` (a linen variables dict) with its dicts' keys in `like`'s order."""
+    if not isinstance(tree, Mapping) or type(tree).__name__ == "State":
+        return tree
+    return _reorder(tree, [path for path, _ in L.walk_template(like)])
+
+
+def _reorder(tree: Any, paths: list[tuple[Any, ...]]) -> Any:
+    """`tree` with its dicts' keys in the order they first appear in `paths`."""
+    rank: dict[tuple[Any, ...], int] = {}
+    for path in paths:
+        for i in range(1, len(path) + 1):
+            rank.setdefault(path[:i], len(rank))
+
+    def build(node: Any, prefix: tuple[Any, ...]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        keys = sorted(node, key=lambda k: rank.get((*prefix, k), len(rank)))
+        return {k: build(node[k], (*prefix, k)) for k in keys}
+
+    return build(tree, ())
+
+
+def match_layers(
+    state_dict: Any,
+    variables: Any,
+    *,
+    rename: Rename = None,
+    match: Match = "auto",
+    conv_transpose: Collection[str] = (),
+) -> Matching:
+    """Pairs a torch model's modules with a Flax model's layers, without converting.
+
+    The pairing `from_torch` and `to_torch` use; `print` it to see what goes where.
+
+    Args:
+      state_dict: a torch `state_dict` (tensors or arrays) or a torch module.
+      variables: the Flax model's variables (see `from_torch`).
+      rename: torch module paths (or prefixes) to Flax paths, a mapping or a function.
+      match: `"auto"` (by path, then the rest by definition order), `"path"` or
+        `"order"`.
+      conv_transpose: module paths (torch's or Flax's) that are ConvTranspose layers.
+
+    Returns:
+      A `Matching`: `pairs` (torch path, Flax path, kind, `"path"` or `"order"`), and
+      the torch and Flax module paths left unmatched.
+
+    Raises:
+      ValueError: a layer of an unknown kind, or a bad `match`.
+
+    Example:
+      >>> sd = {"fc.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
+      >>> variables = {"params": {"Dense_0": {"kernel": np.zeros((3, 2), np.float32),
+      ...                                     "bias": np.zeros(2, np.float32)}}}
+      >>> print(match_layers(sd, variables))
+      torch  ->  flax  [kind, matched by]
+      fc     ->  Dense_0  [dense, order]
+    """
+    tl = L.torch_layers(state_dict, conv_transpose)
+    fl = L.flax_layers(variables, conv_transpose)
+    return L.match(tl, fl, rename=rename, mode=match)
+
+
+def from_torch(
+    state_dict: Any,
+    variables: Any,
+    *,
+    rename: Rename = None,
+    match: Match = "auto",
+    conv_transpose: Collection[str] = (),
+    strict: bool = True,
+) -> Any:
+    """Loads a PyTorch `state_dict` into a Flax model's variables, all layers at once.
+
+    `variables` is the template: the Flax model's own initialized variables, whose
+    structure, names, shapes and dtypes the result has. Each torch module is paired
+    with a Flax layer (`match_layers`) and converted to Flax's layout:
+
+    | torch | Flax |
+    |---|---|
+    | `Linear.weight (out, in)` | `Dense kernel (in, out)` |
+    | `Conv{1,2,3}d.weight (O, I/groups, *K)` | `Conv kernel (*K, I/groups, O)` |
+    | `ConvTranspose{1,2,3}d.weight (I, O, *K)` | `ConvTranspose kernel (*K, I, O)`, flipped |
+    | `Embedding.weight` | `Embed embedding` |
+    | `LayerNorm`/`GroupNorm` `weight` | `scale` |
+    | `BatchNorm{1,2,3}d` | `bnjax.linen/nnx.BatchNorm`: the same names |
+    | `bias`, running statistics | the same names; `num_batches_tracked` int64 -> int32 |
+
+    Pairing: a torch module path maps to a Flax path by the default rule (`.` <-> `/`,
+    `N` <-> `N`, `layers_N` (linen `nn.Sequential`) or `layers/N` (`nnx.Sequential`)),
+    after `rename`; with `match="auto"` the layers left over (e.g. Flax's automatic
+    names `Conv_0`, `BatchNorm_0`) are paired in definition order among layers of the
+    same signature (leaf names and weight rank).
+
+    Args:
+      state_dict: a torch `state_dict` (tensors, NumPy or JAX arrays; no torch import
+        needed) or a torch module (whose module classes then mark ConvTranspose layers).
+      variables: the template: linen variables (`{"params", "batch_stats"}`) from
+        `flax_template(model, ...)` (shapes only) or `model.init(...)`, an `nnx.State`
+        (`nnx.state(model)`), or a tuple of them (`nnx.split(model, nnx.Param, ...)[1:]`).
+        Order matching uses its definition order: `jax.jit`/`eval_shape`/tree maps
+        sort dict keys (an error says so), and `nnx.State` sorts names, so nnx models
+        should match by path. Other linen collections and nnx RNG state are ignored.
+      rename: `{torch module path or prefix: Flax path}` (`"a.b"` / `"a/b"`), or a
+        function from a torch module path to a Flax path (`None` keeps the path).
+      match: `"auto"` (by path, then the rest by order), `"path"` or `"order"`.
+      conv_transpose: module paths (torch's or Flax's) that are ConvTranspose layers;
+        Flax's `ConvTranspose_N` names and torch modules passed in are found alone.
+      strict: every torch entry and every Flax variable must be paired (PyTorch's
+        `load_state_dict(strict=True)`); `False` skips unpaired ones (they keep the
+        template's values). Shape mismatches are errors either way.
+
+    Returns:
+      New variables of `variables`' type, structure and key order, with the
+      template's dtypes (JAX arrays). For nnx, `nnx.update(model, result)`.
+      ConvTranspose kernels are for Flax's default `transpose_kernel=False`.
+
+    Raises:
+      ValueError: one error listing every missing, unexpected and mis-shaped key (torch
+        and Flax names and shapes), or a layer of an unknown kind.
+      TypeError: `state_dict` is not a mapping or a torch module, or holds non-arrays.
+
+    Example:
+      >>> sd = {"fc.weight": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+      ...       "fc.bias": np.zeros(2, np.float32)}
+      >>> variables = {"params": {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}}
+      >>> from_torch(sd, variables)["params"]["fc"]["kernel"]
+      Array([[0., 3.],
+             [1., 4.],
+             [2., 5.]], dtype=float32)
+    """
+    tl = L.torch_layers(state_dict, conv_transpose)
+    fl = L.flax_layers(variables, conv_transpose)
+    matching = L.match(tl, fl, rename=rename, mode=match)
+    tby, fby = {t.path: t for t in tl}, {L.flax_str(f.path): f for f in fl}
+    problems = _Problems("bnjax.interop.from_torch: the state_dict does not fit the variables")
+    new: dict[tuple[Any, ...], Any] = {}
+    for pair in matching.pairs:
+        t, f = tby[pair.torch], fby[pair.flax]
+        for tleaf, fleaf in _leaf_pairs(t, f, pair.kind, problems, strict):
+            key = L.torch_key(t.path, tleaf)
+            key_path, template = f.leaves[fleaf]
+            like = L.leaf_value(template)
+            arr = L.to_numpy(t.leaves[tleaf], key)
+            if tleaf == "num_batches_tracked":
+                arr = L.check_count(arr, key, like.dtype)
+            elif tleaf == "weight":
+                arr = L.weight_to_flax(arr, pair.kind)
+            if arr.shape != L.leaf_shape(like):
+                problems.shape(
+                    key,
+                    _shape_str(t.leaves[tleaf]),
+                    _path_str(key_path),
+                    arr.shape,
+                    L.leaf_shape(like),
+                )
+                continue
+            new[key_path] = jnp.asarray(np.array(arr, like.dtype, order="C"))
+    if strict:
+        for path in matching.unmatched_torch:
+            for leaf, v in tby[path].leaves.items():
+                problems.unexpected(
+                    f"'{L.torch_key(path, leaf)}' {_shape_str(v)}{_kind_note(leaf)}"
+                )
+        for path in matching.unmatched_flax:
+            for key_path, v in fby[path].leaves.values():
+                problems.missing(f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))}")
+    problems.raise_if_any(matching, variables)
+    return _rebuild(variables, new, ())
+
+
+def to_torch(
+    variables: Any,
+    reference: Any = None,
+    *,
+    rename: Rename = None,
+    match: Match = "auto",
+    conv_transpose: Collection[str] = (),
+    definition_order: Any = None,
+    return_tensors: bool = False,
+) -> dict[str, Any]:
+    """A Flax model's variables as a PyTorch `state_dict`, all layers at once.
+
+    The inverse of `from_torch`: torch's names and layouts, `num_batches_tracked` as
+    int64. With `reference` (the torch model's `state_dict()` or the module) layers are
+    paired as in `from_torch` (so Flax's automatic names work), every value gets the
+    reference's dtype and the keys come in the reference's order: the result loads
+    with `load_state_dict(..., strict=True)` and `from_torch` -> `to_torch` gives the
+    original back bit for bit. Without `reference` the torch names come from the Flax
+    paths by the default rule (so the Flax modules must be named after torch's).
+
+    Args:
+      variables: the Flax model's variables (a linen dict, an `nnx.State`, a tuple).
+      reference: a torch `state_dict` (tensors or arrays, only keys, shapes and dtypes
+        are read) or a torch module.
+      rename: as in `from_torch` (torch path -> Flax path); without `reference` only a
+        mapping.
+      match: as in `from_torch`; used with `reference`.
+      conv_transpose: as in `from_torch`.
+      definition_order: variables whose dicts are in definition order (the template
+        from `flax_template` or `model.init`), to restore that order in `variables`
+        when `jax.jit` or a tree map sorted its keys (which matters for Flax's
+        automatic names: see `flax_template`).
+      return_tensors: return `torch.Tensor`s (imports torch) instead of NumPy arrays.
+
+    Returns:
+      A flat `dict` from torch keys to fresh NumPy arrays (or tensors).
+
+    Raises:
+      ValueError: with `reference`, one error listing every missing, unexpected and
+        mis-shaped key; without it, Flax's automatic names (`Conv_0`), which name no
+        torch module (pass `reference=`); a layer of an unknown kind.
+
+    Example:
+      >>> variables = {"params": {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.ones(2)}}}
+      >>> {k: v.shape for k, v in to_torch(variables).items()}
+      {'fc.weight': (2, 3), 'fc.bias': (2,)}
+    """
+    if definition_order is not None:
+        variables = reorder_like(variables, definition_order)
+    fl = L.flax_layers(variables, conv_transpose)
+    problems = _Problems("bnjax.interop.to_torch: the variables do not fit the reference")
+    out: dict[str, np.ndarray] = {}
+    if reference is None:
+        auto = sorted({n for f in fl for n in L.auto_named(f.path)})
+        if auto:
+            raise ValueError(
+                f"bnjax.interop.to_torch: Flax's automatic names {auto} name no torch "
+                "module, so the torch keys cannot come from the Flax paths. Pass the torch "
+                "model's `reference=model.state_dict()` (layers are then paired by order), "
+                "or name the Flax submodules after torch's."
+            )
+        inverse = _inverse_rename(rename)
+        for f in fl:
+            tpath = inverse(L.norm_flax_path(f.path))
+            for fleaf in _torch_order(f, f.kind):
+                key_path, leaf = f.leaves[fleaf]
+                key = L.torch_key(tpath, L.torch_leaf_name(fleaf, f.kind))
+                out[key] = _leaf_to_torch(leaf, fleaf, f.kind, key, None)
+        return _tensors(out) if return_tensors else out
+    tl = L.torch_layers(reference, conv_transpose)
+    matching = L.match(tl, fl, rename=rename, mode=match)
+    tby, fby = {t.path: t for t in tl}, {L.flax_str(f.path): f for f in fl}
+    for pair in matching.pairs:
+        t, f = tby[pair.torch], fby[pair.flax]
+        for tleaf, fleaf in _leaf_pairs(t, f, pair.kind, problems, True):
+            key = L.torch_key(t.path, tleaf)
+            key_path, leaf = f.leaves[fleaf]
+            arr = _leaf_to_torch(leaf, fleaf, pair.kind, key, t.leaves[tleaf])
+            if arr.shape != L.leaf_shape(t.leaves[tleaf]):
+                problems.shape(
+                    key,
+                    _shape_str(t.leaves[tleaf]),
+                    _path_str(key_path),
+                    arr.shape,
+                    L.leaf_shape(L.leaf_value(leaf)),
+                    torch_side=True,
+                )
+                continue
+            out[key] = arr
+    for path in matching.unmatched_torch:
+        for leaf, v in tby[path].leaves.items():
+            problems.missing(f"'{L.torch_key(path, leaf)}' {_shape_str(v)}")
+    for path in matching.unmatched_flax:
+        for key_path, v in fby[path].leaves.values():
+            problems.unexpected(f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))}")
+    problems.raise_if_any(matching, variables)
+    order = [L.torch_key(t.path, leaf) for t in tl for leaf in t.leaves]
+    out = {k: out[k] for k in order}
+    return _tensors(out) if return_tensors else out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Problems:
+    """Collects every mismatch, then raises them as one `ValueError`."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.lists: dict[str, list[str]] = {"missing": [], "unexpected": [], "shape": []}
+
+    def missing(self, what: str) -> None:
+        self.lists["missing"].append(what)
+
+    def unexpected(self, what: str) -> None:
+        self.lists["unexpected"].append(what)
+
+    def shape(self, key, tshape, fpath, converted, fshape, *, torch_side=False) -> None:
+        if torch_side:
+            self.lists["shape"].append(
+                f"{fpath} {fshape} -> '{key}': converted {converted} vs torch {tshape}"
+            )
+        else:
+            self.lists["shape"].append(
+                f"'{key}' {tshape} -> {fpath}: converted {converted} vs template {fshape}"
+            )
+
+    def raise_if_any(self, matching: Matching, variables: Any) -> None:
+        n = sum(len(v) for v in self.lists.values())
+        if not n:
+            return
+        head = {
+            "missing": "missing (no value for these keys)",
+            "unexpected": "unexpected (nothing to put these in)",
+            "shape": "shape mismatches",
+        }
+        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}):"]
+        for k, items in self.lists.items():
+            if items:
+                lines.append(f"  {head[k]}:")
+                lines += [f"    {i}" for i in items]
+        lines.append(_FIX)
+        if any(p.by == "order" for p in matching.pairs) and L.looks_sorted(variables):
+            lines.append(_SORTED)
+        lines.append("Pairs found:\n" + "\n".join("    " + s for s in str(matching).splitlines()))
+        raise ValueError("\n".join(lines))
+
+
+def _leaf_pairs(t: L.TorchLayer, f: L.FlaxLayer, kind: str, problems: _Problems, strict: bool):
+    """(torch leaf, Flax leaf) pairs of two paired layers; the leftovers are reported."""
+    pairs = []
+    flax_names = set(f.leaves)
+    for tleaf, v in t.leaves.items():
+        fleaf = L.flax_leaf_name(tleaf, kind)
+        if fleaf in flax_names:
+            pairs.append((tleaf, fleaf))
+            flax_names.discard(fleaf)
+        elif strict:
+            problems.unexpected(
+                f"'{L.torch_key(t.path, tleaf)}' {_shape_str(v)} (Flax layer "
+                f"{L.flax_str(f.path)} has {sorted(f.leaves)})"
+            )
+    if strict:
+        for fleaf in sorted(flax_names):
+            key_path, v = f.leaves[fleaf]
+            problems.missing(
+                f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))} (torch module "
+                f"'{t.path}' has {sorted(t.leaves)})"
+            )
+    return pairs
+
+
+def _leaf_to_torch(leaf: Any, fleaf: str, kind: str, key: str, like: Any) -> np.ndarray:
+    arr = L.to_numpy(L.leaf_value(leaf), key)
+    tleaf = L.torch_leaf_name(fleaf, kind)
+    if tleaf == "num_batches_tracked":
+        return L.check_count(arr, key, np.int64)
+    if tleaf == "weight":
+        arr = L.weight_to_torch(arr, kind)
+    if like is not None:
+        arr = arr.astype(L.np_dtype(like))
+    return np.array(arr, order="C")
+
+
+def _torch_order(f: L.FlaxLayer, kind: str) -> list[str]:
+    rank = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+    return sorted(f.leaves, key=lambda n: rank.get(L.torch_leaf_name(n, kind), 5))
+
+
+def _inverse_rename(rename: Rename):
+    if rename is None:
+        return lambda p: p
+    if not isinstance(rename, Mapping):
+        raise TypeError(
+            "bnjax.interop.to_torch: without `reference`, rename must be a mapping "
+            "{torch path: Flax path} (a function cannot be inverted); pass `reference=`."
+        )
+    table = {L.norm_flax_path(str(v)): str(k) for k, v in rename.items()}
+
+    def fn(p: str) -> str:
+        for v in sorted(table, key=len, reverse=True):
+            if p == v or p.startswith(v + "."):
+                return table[v] + p[len(v) :]
+        return p
+
+    return fn
+
+
+def _rebuild(
+    node: Any, new: Mapping[tuple[Any, ...], Any], prefix: tuple[Any, ...], nested: bool = False
+) -> Any:
+    """A copy of `node` (same container types, same order) with `new` leaves swapped in.
+
+    An `nnx.State` keeps its nested levels as plain dicts (and wraps them on access),
+    so below one the copy is built from dicts too.
+    """
+    if isinstance(node, Mapping):
+        state = type(node).__name__ == "State"
+        items = {k: _rebuild(v, new, (*prefix, k), nested or state) for k, v in node.items()}
+        if type(node) is dict or (nested and state):
+            return items
+        return type(node)(items)
+    if isinstance(node, list | tuple) and not prefix:
+        return type(node)(_rebuild(v, new, (i,)) for i, v in enumerate(node))
+    if prefix not in new:
+        return node
+    value = new[prefix]
+    if hasattr(node, "replace") and L.leaf_value(node) is not node:  # an nnx Variable
+        return node.replace(value)
+    return value
+
+
+def _tensors(sd: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for k, v in sd.items():
+        if v.dtype.name == "bfloat16":
+            out[k] = torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[k] = torch.from_numpy(v)
+    return out
+
+
+def _kind_note(leaf: str) -> str:
+    if leaf in L.BN_LEAVES:
+        return ""
+    return (
+        " (an unknown layer kind: bnjax.interop ports Linear, Conv*d, ConvTranspose*d, "
+        "Embedding, LayerNorm, GroupNorm and BatchNorm*d, whose entries are weight, bias "
+        "and running statistics)"
+    )
+
+
+def _shape_str(v: Any) -> str:
+    return str(L.leaf_shape(v))
+
+
+def _path_str(key_path: tuple[Any, ...]) -> str:
+    return "/".join(str(k) for k in key_path)
