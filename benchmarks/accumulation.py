@@ -65,7 +65,8 @@ def loss_fn(params, stats, batch):
             x, params[f"conv{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         x, moments = BN.normalize(params[f"bn{i}"], stats[f"bn{i}"], x, True)
-        new[f"bn{i}"], reports[f"bn{i}"] = BN.update(stats[f"bn{i}"], moments), BN.report(moments)
+        new[f"bn{i}"] = BN.update_stats(stats[f"bn{i}"], moments)
+        reports[f"bn{i}"] = BN.report(moments)
         x = jax.nn.relu(x)
     logits = x.mean(axis=(1, 2)) @ params["fc"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

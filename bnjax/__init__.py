@@ -19,9 +19,11 @@ trees), `bnjax.training` (optax), `bnjax.interop` (PyTorch state_dict, NumPy onl
 from importlib.metadata import PackageNotFoundError, version
 
 from bnjax._core.config import BatchNormConfig as BatchNormConfig
+from bnjax._core.conventions import STAT_KEYS as STAT_KEYS
 from bnjax._core.conventions import momentum_from_flax as momentum_from_flax
 from bnjax._core.conventions import momentum_to_flax as momentum_to_flax
 from bnjax._core.functional import apply as apply
+from bnjax._core.functional import batch_moments as batch_moments
 from bnjax._core.functional import init as init
 from bnjax._core.functional import normalize as normalize
 from bnjax._core.functional import update_stats as update_stats
@@ -31,7 +33,6 @@ from bnjax._core.renorm import Renorm as Renorm
 from bnjax._core.report import BatchNormReport as BatchNormReport
 from bnjax._core.report import collect_reports as collect_reports
 from bnjax._core.stats import Moments as Moments
-from bnjax._core.stats import batch_moments as batch_moments
 
 try:
     __version__ = version("bnjax")
@@ -39,6 +40,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "STAT_KEYS",
     "BatchNormConfig",
     "BatchNormLayer",
     "BatchNormReport",

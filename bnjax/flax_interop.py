@@ -21,13 +21,12 @@ initial variance 1, with Flax momentum b, then exactly
 
 so the rescaled value is right up to a term that vanishes as training goes on.
 
-Momentum: `bnjax.momentum_from_flax` / `bnjax.momentum_to_flax` (re-exported here).
+Momentum: `bnjax.momentum_from_flax` / `bnjax.momentum_to_flax`.
 Nothing here imports flax: the functions take and return plain dicts of arrays
 (a `FrozenDict` is accepted), and never modify their input.
 """
 
-from bnjax._core.conventions import momentum_from_flax as momentum_from_flax
-from bnjax._core.conventions import momentum_to_flax as momentum_to_flax
+from bnjax._interop.flax_trees import deprecated_names as __getattr__  # noqa: F401 (old names, warned)
 from bnjax._interop.flax_trees import from_flax as from_flax
 from bnjax._interop.flax_trees import to_flax as to_flax
 from bnjax._interop.flax_trees import variables_from_flax as variables_from_flax
@@ -35,8 +34,6 @@ from bnjax._interop.flax_trees import variables_to_flax as variables_to_flax
 
 __all__ = [
     "from_flax",
-    "momentum_from_flax",
-    "momentum_to_flax",
     "to_flax",
     "variables_from_flax",
     "variables_to_flax",

@@ -50,12 +50,11 @@ from bnjax._interop.port import flax_template as flax_template
 from bnjax._interop.port import from_torch as from_torch
 from bnjax._interop.port import match_layers as match_layers
 from bnjax._interop.port import to_torch as to_torch
-from bnjax._interop.state_dict import STAT_NAMES as STAT_NAMES
+from bnjax._interop.state_dict import deprecated_names as __getattr__  # noqa: F401 (old names, warned)
 from bnjax._interop.state_dict import from_torch_state_dict as from_torch_state_dict
 from bnjax._interop.state_dict import to_torch_state_dict as to_torch_state_dict
 
 __all__ = [
-    "STAT_NAMES",
     "LayerMatch",
     "Matching",
     "flax_template",

@@ -88,7 +88,8 @@ def loss_fn(params, batch_stats, batch):
         )
         h = h + params[conv]["bias"]
         h, moments = bn_layer.normalize(params[bn], batch_stats[bn], h, True)
-        new[bn], reports[bn] = bn_layer.update(batch_stats[bn], moments), bn_layer.report(moments)
+        new[bn] = bn_layer.update_stats(batch_stats[bn], moments)
+        reports[bn] = bn_layer.report(moments)
         h = jax.nn.relu(h)
     logits = jnp.dot(h.mean(axis=(1, 2)), params["8"]["weight"], precision=HI)
     logits = logits + params["8"]["bias"]

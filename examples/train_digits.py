@@ -64,7 +64,7 @@ def forward_with_reports(params, batch_stats, x, train: bool, axis_name=None):
         )
         stats = batch_stats[f"block{i}"]["bn"]
         x, moments = bn.normalize(block["bn"], stats, x, train)
-        new_stats[f"block{i}"] = {"bn": bn.update(stats, moments)}
+        new_stats[f"block{i}"] = {"bn": bn.update_stats(stats, moments)}
         reports[f"block{i}"] = {"bn": bn.report(moments)}
         x = jax.nn.relu(x)
         if i == 0:

@@ -305,7 +305,7 @@ def shard_map_unequal_masked_shards() -> dict[str, float]:
 
     def local(params, batch_stats, x, mask):
         y, s = bnjax.apply(params, batch_stats, x, True, axis_name="data", mask=mask)
-        moments = bnjax.batch_moments(x, (0, 1), mask=mask, axis_name="data")
+        moments = bnjax.batch_moments(x, mask=mask, axis_name="data")
         return y, s, moments.count
 
     y, s, count = np_tree(

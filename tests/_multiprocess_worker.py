@@ -307,7 +307,7 @@ def run_checks(out: Path) -> None:
             return jnp.sum(jnp.where(mask[..., None], y, 0) * g), (y, new)
 
         (_, (y, new)), (gp, gx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
-        count = bnjax.batch_moments(x, (0, 1), mask=mask, axis_name="data").count
+        count = bnjax.batch_moments(x, mask=mask, axis_name="data").count
         return y, new, gp, gx, count
 
     fn = jax.jit(jax.shard_map(local_masked, mesh=mesh,

@@ -103,7 +103,7 @@ def test_precise_bn_equals_numpy(pooled):
     params, stats = _mlp_init()
     batches = _mlp_batches()
     new = precise_bn(
-        lambda p, s, x, bn: _mlp(p, s, x, bn)[1], params, stats, iter(batches),
+        _mlp, params, stats, iter(batches),
         pooled=pooled, progress=False,
     )  # fmt: skip
     ins = _numpy_bn_inputs(params, batches)
@@ -129,7 +129,8 @@ def test_precise_bn_counts_only_valid_values_under_a_mask():
 
     def apply_fn(params, stats, batch, bn):
         x, mask = batch
-        return {"bn": bn(params["bn"], stats["bn"], x, True, mask=mask)[1]}
+        y, new = bn(params["bn"], stats["bn"], x, True, mask=mask)
+        return y, {"bn": new}
 
     new = precise_bn(apply_fn, {"bn": p}, {"bn": s}, batches, progress=False)
     valid = np.concatenate([np.asarray(x)[np.asarray(m)] for x, m in batches])
@@ -162,14 +163,14 @@ def test_update_bn_rejects_a_fixed_momentum_and_precise_bn_misuse():
         update_bn(lambda p, s, x: _mlp(p, s, x)[1], params, stats, [], progress=False)
 
     def skips_bn2(p, s, x, bn):
-        _, s1 = bn(p["bn1"], s["bn1"], x, True)
-        return {"bn1": s1, "bn2": s["bn2"]}
+        y, s1 = bn(p["bn1"], s["bn1"], x, True)
+        return y, {"bn1": s1, "bn2": s["bn2"]}
 
     with pytest.raises(ValueError, match=r"\['bn2'\] was never run through `bn`"):
         precise_bn(skips_bn2, params, stats, batches, progress=False)
 
     def eval_mode(p, s, x, bn):
-        return {"bn1": bn(p["bn1"], s["bn1"], x, False)[1], "bn2": s["bn2"]}
+        return x, {"bn1": bn(p["bn1"], s["bn1"], x, False)[1], "bn2": s["bn2"]}
 
     with pytest.raises(ValueError, match="training mode"):
         precise_bn(eval_mode, params, stats, batches, progress=False)
@@ -191,7 +192,7 @@ def _torch_cnn(params, stats, x, bn):
     h, s1 = bn(params["bn1"], stats["bn1"], h, True)
     h = conv(params["conv2"]["kernel"], params["conv2"]["bias"], jax.nn.relu(h))
     h, s2 = bn(params["bn2"], stats["bn2"], h, True)
-    return {"bn1": s1, "bn2": s2}
+    return h, {"bn1": s1, "bn2": s2}
 
 
 def _load_fixture():
@@ -223,7 +224,7 @@ def test_matches_torch_update_bn_fixture():
     meta, params, stats, batches, after = _load_fixture()
     assert meta["torch_version"].startswith("2.13.0")
     via_update_bn = update_bn(
-        lambda p, s, x: _torch_cnn(p, s, x, BN_CUMULATIVE), params, stats, batches,
+        lambda p, s, x: _torch_cnn(p, s, x, BN_CUMULATIVE)[1], params, stats, batches,
         progress=False,
     )  # fmt: skip
     via_precise = precise_bn(_torch_cnn, params, stats, batches, pooled=False, progress=False)

@@ -81,7 +81,7 @@ def _run(kind, tool, **kw):
     params, stats = torch_to_trees(ARRAYS)
 
     def apply_fn(params, batch_stats, x, bn):
-        return functional_resnet(params, batch_stats, x, bn, train=True)[1]
+        return functional_resnet(params, batch_stats, x, bn, train=True)
 
     if tool is deploy.update_bn:  # the functional update_bn is PyTorch's loop: momentum=None
         import functools
@@ -90,7 +90,7 @@ def _run(kind, tool, **kw):
 
         cumulative = functools.partial(bnjax.apply, momentum=None)
         return tool(
-            lambda p, s, x: apply_fn(p, s, x, cumulative), params, stats, BATCHES, progress=False
+            lambda p, s, x: apply_fn(p, s, x, cumulative)[1], params, stats, BATCHES, progress=False
         )
     return tool(apply_fn, params, stats, BATCHES, progress=False, **kw)
 
@@ -134,14 +134,19 @@ def test_scan_without_reports_in_variable_axes_is_an_error_not_a_skip():
 def test_eval_mode_forward_is_an_error():
     variables = linen_variables(ARRAYS, scan=False)
     with pytest.raises(ValueError, match="ran in eval mode.*pass train=True"):
-        deploy.update_bn(LinenResNet(), variables, BATCHES, train=False, progress=False)
+        deploy.precise_bn(LinenResNet(), variables, BATCHES, train=False, progress=False)
 
 
 def test_inputs_maps_a_batch_to_the_models_arguments():
     variables = linen_variables(ARRAYS, scan=False)
     labelled = [{"image": x, "label": jnp.zeros(len(x))} for x in BATCHES]
-    new = deploy.update_bn(
-        LinenResNet(), variables, labelled, inputs=lambda b: (b["image"],), progress=False
+    new = deploy.precise_bn(
+        LinenResNet(),
+        variables,
+        labelled,
+        inputs=lambda b: (b["image"],),
+        pooled=False,
+        progress=False,
     )
     np.testing.assert_allclose(
         new["batch_stats"]["bn1"]["running_var"], TORCH_AFTER["bn1"]["running_var"], **TOL
@@ -219,8 +224,8 @@ def test_a_functional_model_of_factory_layers_reports_through_its_layers():
 
     def apply_fn(params, batch_stats, x, unused_bn):
         h = jnp.dot(x, params["dense"], precision=jax.lax.Precision.HIGHEST)
-        _, moments = bn.normalize(params["bn"], batch_stats["bn"], h, True)
-        return {"bn": bn.report(moments)}
+        y, moments = bn.normalize(params["bn"], batch_stats["bn"], h, True)
+        return y, {"bn": bn.report(moments)}
 
     params = {"dense": kernel, "bn": bn_params}
     new = deploy.precise_bn(apply_fn, params, {"bn": bn_stats}, batches, progress=False)

@@ -69,7 +69,7 @@ def _tiny_loss(params, stats, batch, m3=None, with_reports=False):
     def bn(name, momentum, h):
         layer = bnjax.batch_norm(momentum=momentum)
         y, moments = layer.normalize(params[name], stats[name], h, True)
-        new[name], reports[name] = layer.update(stats[name], moments), layer.report(moments)
+        new[name], reports[name] = layer.update_stats(stats[name], moments), layer.report(moments)
         return y
 
     h1, h3 = bn("bn1", M1, x), bn("bn3", m3, x)
@@ -512,7 +512,7 @@ def test_full_pools_masked_micro_batches_by_their_valid_counts():
     def loss_fn(params, stats, batch):
         xb, mb = batch
         y, moments = bn.normalize(params, stats, xb, True, mask=mb)
-        return jnp.mean(y**2), (bn.update(stats, moments), None, bn.report(moments))
+        return jnp.mean(y**2), (bn.update_stats(stats, moments), None, bn.report(moments))
 
     opt = optax.sgd(0.1)
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")

@@ -62,7 +62,7 @@ def momentum_from_flax(flax_momentum: float) -> float:
       >>> bnjax.momentum_from_flax(0.9)
       0.1
     """
-    _check_unit_interval("flax_momentum", flax_momentum)
+    check_unit_interval("flax_momentum", flax_momentum)
     return _round(1.0 - flax_momentum)
 
 
@@ -79,7 +79,7 @@ def momentum_to_flax(momentum: float) -> float:
       >>> bnjax.momentum_to_flax(0.1)
       0.9
     """
-    _check_unit_interval("momentum", momentum)
+    check_unit_interval("momentum", momentum)
     return _round(1.0 - momentum)
 
 
@@ -88,6 +88,7 @@ def _round(v: float) -> float:
     return float(f"{v:.15g}")
 
 
-def _check_unit_interval(name: str, value: float) -> None:
+def check_unit_interval(name: str, value: Any) -> None:
+    """The one momentum range check: a Python number in [0, 1] (bools are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")

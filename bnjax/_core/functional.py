@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._core import deprecation
 from bnjax._core import fused as _fused
 from bnjax._core import ghost as _ghost
 from bnjax._core import renorm as _renorm
@@ -428,6 +429,50 @@ def update_stats(
         "running_var": new_rv.astype(rv.dtype),
         "num_batches_tracked": new_count,
     }
+
+
+def batch_moments(
+    x: ArrayLike,
+    reduce_axes: Sequence[int] | None = None,
+    *,
+    axis: int | Sequence[int] = -1,
+    mask: ArrayLike | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> _stats.Moments:
+    """Per-feature mean, biased variance and count of `x`, as `bnjax.normalize` computes them.
+
+    `axis` names the feature axes, as everywhere in bnjax; the moments reduce over
+    every other axis (and over `axis_name`). Numerics: a shifted one-pass formula
+    that stays accurate for large means (see `docs/performance.md`).
+
+    Args:
+      x: the input.
+      reduce_axes: deprecated: the axes to reduce over; pass `axis=` (the feature
+        axes) instead.
+      axis: the feature axis or axes (`-1` channels-last, `1` NCHW).
+      mask: which samples count (see `bnjax.apply`), or None.
+      axis_name: a named axis to synchronize over, or None.
+      axis_index_groups: sub-groups of `axis_name`, or None.
+
+    Returns:
+      `bnjax.Moments(mean, var, count)`.
+
+    Example:
+      >>> m = bnjax.batch_moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+      >>> m.mean.tolist(), m.var.tolist(), int(m.count)
+      ([2.0, 4.0], [1.0, 4.0], 2)
+    """
+    x = jnp.asarray(x)
+    if reduce_axes is not None:
+        deprecation.warn("bnjax.batch_moments(x, reduce_axes)", "bnjax.batch_moments(x, axis=...)")
+        reduce = tuple(int(a) % x.ndim for a in reduce_axes)
+    else:
+        axes = normalize_axes(axis, x.shape)
+        reduce = tuple(a for a in range(x.ndim) if a not in axes)
+    return _stats.batch_moments(
+        x, reduce, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
 
 
 def _trailing(v: Array, k: int) -> Array:

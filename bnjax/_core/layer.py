@@ -2,7 +2,7 @@
 
 `bnjax.batch_norm(momentum=..., eps=..., axis=...)` closes over a BatchNorm's
 settings and returns a `BatchNormLayer`, a NamedTuple of pure functions (`init`,
-`apply`, `normalize`, `update`, `report`) and the static, hashable
+`apply`, `normalize`, `update_stats`, `report`) and the static, hashable
 `BatchNormConfig` they were built from. A functional model states each layer's
 settings once; whole-model tools read `config` (or a `BatchNormReport`'s) instead
 of taking one value for every layer.
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bnjax._core import deprecation
 from bnjax._core import functional as _core
 from bnjax._core import renorm as _renorm
 from bnjax._core import stats as _stats
@@ -35,7 +36,9 @@ class BatchNormLayer(NamedTuple):
       init: `init(num_features) -> (params, batch_stats)`.
       apply: `apply(params, batch_stats, x, train, *, mask=None) -> (y, new_batch_stats)`.
       normalize: `normalize(params, batch_stats, x, train, *, mask=None) -> (y, moments)`.
-      update: `update(batch_stats, moments) -> new_batch_stats`.
+      update_stats: `update_stats(batch_stats, moments) -> new_batch_stats`, as
+        `bnjax.update_stats` with the layer's momentum (`update` is its deprecated
+        old name).
       report: `report(moments) -> BatchNormReport`, the layer's record for whole-model
         tools (`moments` may be None: an eval-mode call).
       config: the layer's static `BatchNormConfig`.
@@ -44,9 +47,15 @@ class BatchNormLayer(NamedTuple):
     init: Callable[..., tuple[Params, BatchStats]]
     apply: Callable[..., tuple[Array, BatchStats]]
     normalize: Callable[..., tuple[Array, _stats.Moments | None]]
-    update: Callable[..., BatchStats]
+    update_stats: Callable[..., BatchStats]
     report: Callable[..., Any]
     config: BatchNormConfig
+
+    @property
+    def update(self) -> Callable[..., BatchStats]:
+        """Deprecated: `update_stats` (the name `bnjax.update_stats` has)."""
+        deprecation.warn("BatchNormLayer.update", "BatchNormLayer.update_stats")
+        return self.update_stats
 
 
 def batch_norm(
@@ -142,14 +151,14 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
             virtual_batch_size=config.virtual_batch_size,
         )
 
-    def update(batch_stats, moments):
+    def update_stats(batch_stats, moments):
         return _core.update_stats(
             batch_stats, moments, momentum=config.momentum, renorm=config.renorm, eps=config.eps
         )
 
     def apply(params, batch_stats, x, train, *, mask=None):
         y, moments = normalize(params, batch_stats, x, train, mask=mask)
-        return y, update(batch_stats, moments)
+        return y, update_stats(batch_stats, moments)
 
     # Reports carry static settings: a bound passed as an array is not kept there.
     report_config = dataclasses.replace(config, renorm=_renorm.static_settings(config.renorm))
@@ -157,4 +166,4 @@ def layer_from_config(config: BatchNormConfig) -> BatchNormLayer:
     def report(moments):
         return make_report(moments, report_config)
 
-    return BatchNormLayer(init, apply, normalize, update, report, config)
+    return BatchNormLayer(init, apply, normalize, update_stats, report, config)

@@ -55,7 +55,7 @@ def batch_moments(
     `psum`, so unequal shards are exact. Negative round-off is clipped to 0.
 
     Example:
-      >>> m = bnjax.batch_moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), (0,))
+      >>> m = batch_moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), (0,))
       >>> m.mean.tolist(), m.var.tolist(), int(m.count)
       ([2.0, 4.0], [1.0, 4.0], 2)
     """

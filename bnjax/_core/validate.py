@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._core.conventions import PARAM_KEY_SETS, PARAM_KEYS
+from bnjax._core.conventions import PARAM_KEY_SETS, PARAM_KEYS, check_unit_interval
 
 
 def check_train(train: Any) -> bool:
@@ -51,17 +51,16 @@ def check_hyperparameters(*, momentum: Any, eps: Any) -> None:
         )
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"bnjax.apply: `eps` must be a number > 0, got {eps!r}.")
-    if momentum is not None and (
-        not isinstance(momentum, numbers.Real)
-        or isinstance(momentum, bool)
-        or not 0 <= momentum <= 1
-    ):
+    try:
+        if momentum is not None:
+            check_unit_interval("momentum", momentum)
+    except ValueError:
         raise ValueError(
             "bnjax.apply: `momentum` must be a number in [0, 1] (PyTorch's convention: "
             f"the weight of the new batch) or None (cumulative average), got {momentum!r}. "
             "Coming from Flax? Its momentum=0.9 is PyTorch's 0.1: use "
             "`bnjax.momentum_from_flax`."
-        )
+        ) from None
 
 
 def check_keys(name: str, tree: Any, expected: Sequence[str]) -> None:

@@ -30,8 +30,9 @@ from bnjax._deploy.fold_model import (
 from bnjax._flax import linen as bnlinen
 from bnjax._flax import nnx as bnnnx
 from bnjax._flax.glue import resolve_train
-from bnjax._model.run import linen_reports, nnx_reports, report_leaves
-from bnjax._model.run import name as _name
+from bnjax._model.run import run_linen, run_nnx
+from bnjax._model.tree import path_name as _name
+from bnjax._model.tree import reports_at
 
 # --- linen.
 
@@ -56,9 +57,9 @@ def fold_linen(module, variables, args, kwargs, pairs, check, rtol) -> FoldedLin
 
     def run(v):
         with nn.intercept_methods(watch):
-            return linen_reports(module, v, args, kwargs)[1]
+            return run_linen(module, v, args, kwargs).reports
 
-    reports = report_leaves(jax.eval_shape(run, variables))
+    reports = reports_at(jax.eval_shape(run, variables))
     matched = match_pairs(layers, bns, reports, pairs, who)
 
     new = copy_dicts(meta.unbox(variables))
@@ -128,9 +129,9 @@ def fold_nnx(model, args, kwargs, pairs, check, rtol):
     def run_reports(state):
         m = nnx.merge(graphdef, state)
         m.eval()
-        return nnx_reports(m, args, kwargs)[1]
+        return run_nnx(m, args, kwargs).reports
 
-    reports = report_leaves(jax.eval_shape(run_reports, state))
+    reports = reports_at(jax.eval_shape(run_reports, state))
 
     def run(state):
         m = nnx.merge(graphdef, state)

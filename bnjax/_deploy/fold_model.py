@@ -32,9 +32,10 @@ import numpy as np
 from bnjax._core import functional as _core
 from bnjax._core.report import BatchNormReport
 from bnjax._core.validate import normalize_axes
-from bnjax._deploy.fold import as_path, bn_scale_shift, fold_into_kernel
-from bnjax._model.run import KeyPath
-from bnjax._model.run import name as _name
+from bnjax._deploy.fold import as_path, bn_scale_shift, fold_batchnorms, fold_into_kernel
+from bnjax._model.run import reporting_bn
+from bnjax._model.tree import KeyPath
+from bnjax._model.tree import path_name as _name
 
 
 class FoldPair(NamedTuple):
@@ -227,16 +228,12 @@ def _folded_bn(params, batch_stats, x, train, **config):
 
 
 def fold_functional(apply_fn, params, batch_stats, args, kwargs, pairs, check, rtol):
-    from bnjax._deploy.fold import fold_batchnorms
-
     who = "bnjax.deploy.fold"
     if pairs is None:
         raise ValueError(
             f"{who}: a functional model's layers cannot be watched, so list what to fold: "
             "pairs=[(layer_path, bn_path), ...]."
         )
-    from bnjax._deploy.precise_bn import reporting_bn
-
     seen = jax.eval_shape(
         lambda p, s: apply_fn(p, s, *args, reporting_bn, **kwargs), params, batch_stats
     )

@@ -18,28 +18,35 @@ and so its batch moments, do not depend on any running statistics):
 
 Both run on the model itself, whatever its kind: a `flax.linen` module and its
 variables, a `flax.nnx` module, or a functional `apply_fn`. Each BatchNorm's batch
-moments come through `bnjax.BatchNormReport` (`_whole_model.py`), are combined on the
-host in float64, and are written back where the model keeps its statistics.
+moments come through `bnjax.BatchNormReport` (the model layer, `_model/run.py`), are
+combined on the host in float64, and are written back where the model keeps its
+statistics (`_model/tree.py`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._core.config import BatchNormConfig
+from bnjax._core import deprecation
+from bnjax._core.conventions import is_batch_stats as is_stats
 from bnjax._core.conventions import to_plain_dict
-from bnjax._core.layer import layer_from_config
 from bnjax._core.report import BatchNormReport
-from bnjax._model import run as _whole_model
-from bnjax._model.run import KeyPath, is_stats, name, report_leaves, stats_leaves
-
-BatchStatsTree = Any
+from bnjax._model.run import (
+    missing_reports_message,
+    model_kind,
+    reporting_bn,
+    run_functional,
+    run_linen,
+    run_nnx,
+)
+from bnjax._model.tree import KeyPath, replace, reports_at, stats_at, write_nnx
+from bnjax._model.tree import path_name as name
 
 
 def update_bn(
@@ -51,7 +58,9 @@ def update_bn(
     inputs: Callable[[Any], tuple[Any, ...]] | None = None,
     **call_kwargs: Any,
 ) -> Any:
-    """Recomputes every BatchNorm's running statistics, as `torch.optim.swa_utils.update_bn`.
+    """Deprecated: `precise_bn(..., pooled=False)` gives these numbers on every kind of model.
+
+    Recomputes every BatchNorm's running statistics, as `torch.optim.swa_utils.update_bn`.
 
     Each batch weighs 1/B: `running_mean = mean_b(mean_b)`,
     `running_var = mean_b(var_b * n_b / (n_b - 1))`, `num_batches_tracked = B`;
@@ -101,11 +110,20 @@ def update_bn(
       ...     return {"bn": bnjax.apply(params["bn"], stats["bn"], x, True, momentum=None)[1]}
       >>> p, s = bnjax.init(2)
       >>> batches = [jnp.ones((4, 2)), 3 * jnp.ones((4, 2))]
-      >>> update_bn(apply_fn, {"bn": p}, {"bn": s}, batches, progress=False)["bn"]["running_mean"]
+      >>> import warnings
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore", DeprecationWarning)
+      ...     new = update_bn(apply_fn, {"bn": p}, {"bn": s}, batches, progress=False)
+      >>> new["bn"]["running_mean"]
       Array([2., 2.], dtype=float32)
     """
+    deprecation.warn(
+        "bnjax.deploy.update_bn",
+        "bnjax.deploy.precise_bn(..., pooled=False), the same numbers (a functional model "
+        "then takes `bn` and returns (outputs, new_batch_stats))",
+    )
     _check_num_batches(num_batches)
-    kind = _whole_model.model_kind(model, "update_bn")
+    kind = model_kind(model, "update_bn")
     if kind != "functional":
         return _recompute(
             "update_bn", kind, model, args, False, num_batches, progress, inputs, call_kwargs
@@ -156,12 +174,15 @@ def precise_bn(
     - nnx: `precise_bn(model, batches)` writes the statistics into `model`'s
       BatchNorms (which run in training mode) and returns `model`.
     - functional: `precise_bn(apply_fn, params, batch_stats, batches)` with
-      `apply_fn(params, batch_stats, batch, bn) -> new_batch_stats`, the
-      training-mode forward with `bn` (`bnjax.apply`'s signature) for every
-      BatchNorm. `bn` normalizes exactly as `bnjax.apply` does and returns the
+      `apply_fn(params, batch_stats, *inputs, bn) -> (outputs, new_batch_stats)`
+      (the one signature of a functional model, as for `fold`), the training-mode
+      forward with `bn` (`bnjax.apply`'s signature, every option included) for
+      every BatchNorm. `bn` normalizes exactly as `bnjax.apply` does and returns the
       batch's `bnjax.BatchNormReport` in place of the new statistics; return it at
       the BatchNorm's place (a model of `bnjax.batch_norm` layers may return each
       layer's `layer.report(moments)` there instead). Returns the new statistics.
+      (An `apply_fn` that returns only the new statistics still works this release,
+      with a `DeprecationWarning`.)
 
     Args:
       model: a `flax.linen.Module`, a `flax.nnx.Module` or a functional `apply_fn`.
@@ -170,8 +191,8 @@ def precise_bn(
       pooled: pool all elements (True) or weigh each batch equally (False).
       num_batches: use at most this many batches (`None`: all of them).
       progress: show a `tqdm` progress bar (when tqdm is installed).
-      inputs: linen and nnx: `inputs(batch) -> tuple` of the model's positional
-        arguments (default: the batch is the one argument).
+      inputs: `inputs(batch) -> tuple` of the model's positional arguments after
+        the variables (default: the batch is the one argument).
       **call_kwargs: linen and nnx: keyword arguments of the model's call (linen
         default: `train=True`).
 
@@ -186,7 +207,8 @@ def precise_bn(
 
     Example:
       >>> def apply_fn(params, stats, x, bn):
-      ...     return {"bn": bn(params["bn"], stats["bn"], x, True)[1]}
+      ...     y, new = bn(params["bn"], stats["bn"], x, True)
+      ...     return y, {"bn": new}
       >>> p, s = bnjax.init(1)
       >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0], [8.0], [10.0]])]
       >>> new = precise_bn(apply_fn, {"bn": p}, {"bn": s}, batches, progress=False)
@@ -194,7 +216,7 @@ def precise_bn(
       Array([5.], dtype=float32)
     """
     _check_num_batches(num_batches)
-    kind = _whole_model.model_kind(model, "precise_bn")
+    kind = model_kind(model, "precise_bn")
     return _recompute(
         "precise_bn", kind, model, args, pooled, num_batches, progress, inputs, call_kwargs
     )
@@ -206,11 +228,14 @@ def precise_bn(
 def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, call_kwargs):
     if kind == "functional":
         params, batch_stats, batches = _unpack_functional(who, args, call_kwargs)
-        apply_fn = model
-        jitted = jax.jit(lambda p, s, b: apply_fn(p, s, b, reporting_bn))
+        to_args = inputs or (lambda batch: (batch,))
+
+        @jax.jit
+        def reports(p, s, batch):
+            return run_functional(model, p, s, to_args(batch), {}, reporting_bn, who).reports
 
         def step(batch):
-            return jitted(params, batch_stats, batch)
+            return reports(params, batch_stats, batch)
 
     elif kind == "linen":
         if len(args) != 2:
@@ -225,13 +250,13 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
         (batches,) = args
         step, batch_stats = _nnx_step(model, inputs, call_kwargs)
 
-    targets = stats_leaves(batch_stats)
+    targets = stats_at(batch_stats)
     if not targets:
         raise ValueError(_no_stats_message(who, batch_stats))
     acc: dict[KeyPath, _Accumulator] = {}
     seen = 0
     for batch in _bounded(batches, num_batches, progress, who):
-        for path, report in report_leaves(step(batch)).items():
+        for path, report in reports_at(step(batch)).items():
             if not report.trained:
                 raise ValueError(
                     f"{who}: the BatchNorm at {name(path)} ran in eval mode (running "
@@ -255,7 +280,7 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
         raise ValueError(f"{who}: `batches` yielded no batch.")
     missing = [p for p in targets if p not in acc]
     if missing:
-        raise ValueError(_whole_model.missing_reports_message(who, missing, kind))
+        raise ValueError(missing_reports_message(who, missing, kind))
 
     new = {p: acc[p].result(pooled, f"{who}: the BatchNorm at {name(p)}") for p in targets}
     new_stats = {
@@ -274,12 +299,8 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
         for p, s in targets.items()
     }
     if kind == "nnx":
-        return _nnx_write(model, new_stats)
-    result = jax.tree_util.tree_map_with_path(
-        lambda path, node: new_stats[_whole_model.plain_path(path)] if is_stats(node) else node,
-        batch_stats,
-        is_leaf=is_stats,
-    )
+        return write_nnx(model, new_stats)
+    result = replace(batch_stats, new_stats)
     if kind == "linen":
         return {**args[0], "batch_stats": result}
     return result
@@ -301,7 +322,7 @@ def _linen_step(module, variables, inputs, call_kwargs):
 
     @jax.jit
     def reports(variables, batch):
-        return _whole_model.linen_reports(module, variables, to_args(batch), kwargs)[1]
+        return run_linen(module, variables, to_args(batch), kwargs).reports
 
     batch_stats = to_plain_dict(variables).get("batch_stats", {})
     return (lambda batch: reports(variables, batch)), batch_stats
@@ -321,8 +342,7 @@ def _nnx_step(model, inputs, call_kwargs):
         bns = [node for _, node in nnx.iter_graph(m) if isinstance(node, bnnnx.BatchNorm)]
         for bn in bns:
             bn.use_running_average = False  # on this copy only
-        _, reports = _whole_model.nnx_reports(m, to_args(batch), call_kwargs)
-        return reports, nnx.state(m)
+        return run_nnx(m, to_args(batch), call_kwargs).reports, nnx.state(m)
 
     threaded = [state]  # the copy's state goes on from batch to batch (e.g. RNG counters)
 
@@ -332,50 +352,6 @@ def _nnx_step(model, inputs, call_kwargs):
 
     batch_stats = to_plain_dict(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
     return step, batch_stats
-
-
-def _nnx_write(model: Any, new_stats: Mapping[KeyPath, Any]) -> Any:
-    for path, stats in new_stats.items():
-        bn = model
-        for key in path:
-            bn = bn[key] if isinstance(key, int) else getattr(bn, key)
-        for key, value in stats.items():
-            getattr(bn, key)[...] = value
-    return model
-
-
-# --- the reporting BatchNorm handed to a functional model.
-
-
-def reporting_bn(
-    params: Any,
-    batch_stats: Any,
-    x: Any,
-    train: bool,
-    *,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    axis: Any = -1,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: Any = None,
-) -> tuple[jax.Array, Any]:
-    """`bnjax.apply` that returns its call's `BatchNormReport` in place of new statistics."""
-    layer = layer_from_config(
-        BatchNormConfig(
-            momentum=momentum,
-            eps=eps,
-            axis=axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            affine="weight" in params,
-            bias="bias" in params,
-        )
-    )
-    y, moments = layer.normalize(params, batch_stats, x, train, mask=mask)
-    if not batch_stats:  # track_running_stats=False: nothing to recompute
-        return y, batch_stats
-    return y, layer.report(moments if train else None)
 
 
 class _Accumulator:
@@ -451,7 +427,7 @@ def _no_stats_message(who: str, tree: Any) -> str:
 
 def _reset(batch_stats: Any, *, var: float) -> Any:
     """A copy of the tree with every BatchNorm's statistics reset (as PyTorch does)."""
-    if not stats_leaves(batch_stats):
+    if not stats_at(batch_stats):
         raise ValueError(_no_stats_message("update_bn", batch_stats))
 
     def reset(node: Any) -> Any:

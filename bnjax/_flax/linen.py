@@ -195,7 +195,7 @@ class BatchNorm(nn.Module):
             config = dataclasses.replace(config, axis_name=None, axis_index_groups=None)
         layer = layer_from_config(config)
         y, moments = layer.normalize(params, batch_stats, x, train, mask=mask)
-        new_batch_stats = layer.update(batch_stats, moments)
+        new_batch_stats = layer.update_stats(batch_stats, moments)
         # The report channel: only for callers that make REPORTS mutable, never in init.
         if not initializing and self.is_mutable_collection(REPORTS):
             self.sow(REPORTS, REPORT_NAME, layer.report(moments))

@@ -248,7 +248,7 @@ class BatchNorm(nnx.Module):
             stats.update({k: getattr(self, k)[...] for k in _renorm.RENORM_KEYS})
         layer = layer_from_config(self.config)
         y, moments = layer.normalize(params, stats, x, train, mask=mask)
-        new_stats = layer.update(stats, moments)
+        new_stats = layer.update_stats(stats, moments)
         # The report channel: opt-in, only under `nnx.capture(..., Reports)`.
         if hasattr(self, "__captures__"):
             self.sow(Reports, REPORT_NAME, layer.report(moments))

@@ -10,14 +10,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bnjax._core.conventions import STAT_KEYS
-from bnjax._core.conventions import momentum_from_flax as momentum_from_flax
-from bnjax._core.conventions import momentum_to_flax as momentum_to_flax
+from bnjax._core.conventions import STAT_KEYS, momentum_from_flax, momentum_to_flax
+from bnjax._core.deprecation import face_getattr
 
 __all__ = [
     "from_flax",
-    "momentum_from_flax",
-    "momentum_to_flax",
     "to_flax",
     "variables_from_flax",
     "variables_to_flax",
@@ -305,3 +302,12 @@ def _check_keys(
             f"{name} must have the keys {list(expected)}; missing keys: {missing}, "
             f"unexpected keys: {extra}."
         )
+
+
+deprecated_names = face_getattr(
+    "bnjax.flax_interop",
+    {
+        "momentum_from_flax": ("bnjax.momentum_from_flax", momentum_from_flax),
+        "momentum_to_flax": ("bnjax.momentum_to_flax", momentum_to_flax),
+    },
+)

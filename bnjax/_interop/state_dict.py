@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bnjax._core.conventions import STAT_KEYS
+from bnjax._core.deprecation import face_getattr
 from bnjax._interop.pairing import LayerMatch as LayerMatch
 from bnjax._interop.pairing import Matching as Matching
 from bnjax._interop.pairing import to_numpy as _to_numpy
@@ -20,7 +21,6 @@ from bnjax._interop.port import match_layers as match_layers
 from bnjax._interop.port import to_torch as to_torch
 
 __all__ = [
-    "STAT_NAMES",
     "LayerMatch",
     "Matching",
     "flax_template",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Leaf names that go to `batch_stats`; every other leaf goes to `params`.
-STAT_NAMES = STAT_KEYS
+deprecated_names = face_getattr("bnjax.interop", {"STAT_NAMES": ("bnjax.STAT_KEYS", STAT_KEYS)})
 
 ConvLayout = Literal["HWIO", "OIHW"]
 LinearLayout = Literal["in_out", "out_in"]
@@ -97,7 +97,7 @@ def from_torch_state_dict(
     for key, value in state_dict.items():
         module, leaf = _split_key(key)
         arr = _to_numpy(value, key)
-        if leaf in STAT_NAMES:
+        if leaf in STAT_KEYS:
             if leaf == "num_batches_tracked":
                 arr = _count_to_int32(arr, key)
             flat_stats[key] = arr

@@ -1,7 +1,7 @@
 """Frozen BatchNorm: BatchNorm parameters that the optimizer never changes.
 
 A BatchNorm's parameters are found through its statistics: wherever `batch_stats`
-holds a BatchNorm's dict (the one rule, `_conventions.is_batch_stats`), the
+holds a BatchNorm's dict (the one rule, `conventions.is_batch_stats`), the
 parameters at the same path are that BatchNorm's `weight` (and `bias`). This holds
 for the functional convention (`params["block"]["bn"]` beside
 `batch_stats["block"]["bn"]`), for Flax linen collections and for nnx states.
@@ -9,13 +9,13 @@ for the functional convention (`params["block"]["bn"]` beside
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-from bnjax._core.conventions import STAT_KEYS, is_batch_stats, to_plain_dict
+from bnjax._core.conventions import STAT_KEYS, to_plain_dict
 from bnjax._core.extras import needs
+from bnjax._model.tree import plain_path, stats_at
 
 with needs("bnjax.training", "optax"):
     import optax
@@ -45,16 +45,7 @@ def batchnorm_mask(params: PyTree, batch_stats: PyTree) -> PyTree:
       >>> bnjax.training.batchnorm_mask({"bn": p, "w": jnp.ones(2)}, {"bn": s})
       {'bn': {'bias': True, 'weight': True}, 'w': False}
     """
-    bn_paths = set()
-
-    def visit(path: tuple[Any, ...], node: Any) -> None:
-        if is_batch_stats(node):
-            bn_paths.add(path)
-        elif isinstance(node, Mapping):
-            for key, child in node.items():
-                visit((*path, key), child)
-
-    visit((), to_plain_dict(batch_stats))
+    bn_paths = set(stats_at(to_plain_dict(batch_stats)))
     if not bn_paths:
         raise ValueError(
             "bnjax.training.batchnorm_mask: batch_stats holds no BatchNorm statistics "
@@ -62,7 +53,7 @@ def batchnorm_mask(params: PyTree, batch_stats: PyTree) -> PyTree:
         )
 
     def is_bn(path: Any, _leaf: Any) -> bool:
-        keys = tuple(getattr(entry, "key", getattr(entry, "name", entry)) for entry in path)
+        keys = plain_path(path)
         return any(keys[: len(bn)] == bn for bn in bn_paths)
 
     return jax.tree_util.tree_map_with_path(is_bn, params)

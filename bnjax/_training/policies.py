@@ -31,9 +31,11 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from bnjax._core import functional as _core
-from bnjax._core.conventions import is_batch_stats
+from bnjax._core.conventions import check_unit_interval
 from bnjax._core.report import BatchNormReport
 from bnjax._core.stats import Moments
+from bnjax._model import tree
+from bnjax._model.tree import path_name
 
 PyTree = Any
 Path = tuple[Any, ...]
@@ -95,13 +97,13 @@ def corrected() -> StatsPolicy:
 
     def update(state, stats_in, stats_out, reports, accum_steps):
         layers = trained_layers(stats_in, reports, "corrected")
-        new = _copy(stats_out)
+        new = {}
         for path, report in layers:
             m = report.config.momentum
             if m is None:
                 raise ValueError(
                     "bnjax.training: stats_policy='corrected' needs a fixed momentum, but the "
-                    f"BatchNorm at '{_name(path)}' uses momentum=None (a cumulative average, "
+                    f"BatchNorm at '{path_name(path)}' uses momentum=None (a cumulative average, "
                     "which already weighs every micro-batch equally). Use "
                     "stats_policy='micro' or 'full'."
                 )
@@ -109,15 +111,14 @@ def corrected() -> StatsPolicy:
             renorm = report.config.renorm  # Batch Renormalization's statistics: corrected too
             if renorm is not None:
                 renorm = renorm._replace(momentum=corrected_momentum(renorm.momentum, accum_steps))
-            updated = _core.update_stats(
-                _get(stats_in, path),
+            new[path] = _core.update_stats(
+                tree.get(stats_in, path),
                 report.moments,
                 momentum=mk,
                 renorm=renorm,
                 eps=report.config.eps,
             )
-            _set(new, path, updated)
-        return new, state
+        return tree.replace(stats_out, new), state
 
     return StatsPolicy(_no_state, update, _last_stats, needs_reports=True)
 
@@ -141,25 +142,24 @@ def full() -> StatsPolicy:
 
     def update(state, stats_in, stats_out, reports, accum_steps):
         del accum_steps
-        new = _copy(stats_out)
-        for path, _ in trained_layers(stats_in, reports, "full"):
-            _set(new, path, _get(stats_in, path))  # moved once, in finish
-        return new, state
+        layers = trained_layers(stats_in, reports, "full")
+        # Moved once, in finish.
+        return tree.replace(
+            stats_out, {path: tree.get(stats_in, path) for path, _ in layers}
+        ), state
 
     def finish(state, batch_stats, stats_last, reports, accum_steps):
         del state, accum_steps
-        new = _copy(stats_last)
+        new = {}
         for path, stacked in trained_layers(batch_stats, reports, "full", stacked=True):
-            moments = pool_moments(stacked.moments)
-            updated = _core.update_stats(
-                _get(batch_stats, path),
-                moments,
+            new[path] = _core.update_stats(
+                tree.get(batch_stats, path),
+                pool_moments(stacked.moments),
                 momentum=stacked.config.momentum,
                 renorm=stacked.config.renorm,
                 eps=stacked.config.eps,
             )
-            _set(new, path, updated)
-        return new
+        return tree.replace(stats_last, new)
 
     return StatsPolicy(_no_state, update, finish, needs_reports=True)
 
@@ -205,7 +205,29 @@ def pool_moments(moments: Moments) -> Moments:
 
 
 def corrected_momentum(momentum: float, accum_steps: int) -> float:
-    """m_k = 1 - (1 - m)^(1/k), computed without cancellation."""
+    """The per-micro-batch momentum that decays old statistics as one step would.
+
+    $$m_k = 1 - (1 - m)^{1/k}$$, so that `(1 - m_k)^k == 1 - m` (computed without
+    cancellation).
+
+    Args:
+      momentum: the BatchNorm's momentum m (PyTorch's convention), in [0, 1].
+      accum_steps: the number of micro-batches k per optimizer step, >= 1.
+
+    Returns:
+      m_k, a Python float.
+
+    Raises:
+      ValueError: `momentum` outside [0, 1] or `accum_steps` < 1.
+
+    Example:
+      >>> round(bnjax.training.corrected_momentum(0.19, 2), 12)
+      0.1
+    """
+    check_unit_interval("momentum", momentum)
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"bnjax.training: accum_steps must be an int >= 1, got {accum_steps!r}.")
+    momentum = float(momentum)
     if momentum >= 1:
         return 1.0
     return -math.expm1(math.log1p(-momentum) / accum_steps)
@@ -255,15 +277,15 @@ def trained_layers(
             "`y, moments = bn.normalize(...)`, `reports = {...: bn.report(moments)}`.\n"
             "Or use stats_policy='micro', which needs none."
         )
-    found = dict(_report_leaves(reports))
+    found = tree.reports_at(reports)
     layers = []
-    for path in _stat_paths(stats):
+    for path in tree.stats_at(stats):
         report = found.pop(path, None)
         if report is None:
             raise ValueError(
-                f"bnjax.training: stats_policy={policy!r}: the BatchNorm at '{_name(path)}' "
+                f"bnjax.training: stats_policy={policy!r}: the BatchNorm at '{path_name(path)}' "
                 "returned no report (reports are aligned with batch_stats; found reports at "
-                f"{sorted(map(_name, _report_paths(reports)))}). A Flax BatchNorm inside "
+                f"{sorted(map(path_name, tree.reports_at(reports)))}). A Flax BatchNorm inside "
                 "nn.scan/nn.vmap/nn.remat reports only if the transform passes the "
                 "collection: add bnjax.linen.REPORTS to its `variable_axes` (as "
                 "'batch_stats'). A functional BatchNorm that is not trained here reports "
@@ -271,13 +293,13 @@ def trained_layers(
             )
         if not report.trained:
             continue
-        rm = _get(stats, path)["running_mean"]
+        rm = tree.get(stats, path)["running_mean"]
         extra = report.mean.ndim - rm.ndim - (1 if stacked else 0)
         if extra > 0:
             raise ValueError(
                 f"bnjax.training: stats_policy={policy!r} needs each BatchNorm's statistics "
                 "to be updated once per micro-batch, but the BatchNorm at "
-                f"'{_name(path)}' was updated {report.mean.shape[int(stacked)]} times "
+                f"'{path_name(path)}' was updated {report.mean.shape[int(stacked)]} times "
                 "(twice or more: a shared layer called several times in training mode, or "
                 "one carried through nn.scan with variable_carry). Use "
                 "stats_policy='micro', or give each call its own statistics."
@@ -286,67 +308,8 @@ def trained_layers(
     unmatched = [p for p, r in found.items() if r.config.track_running_stats]
     if unmatched:
         raise ValueError(
-            f"bnjax.training: reports at {sorted(map(_name, unmatched))} have no BatchNorm "
+            f"bnjax.training: reports at {sorted(map(path_name, unmatched))} have no BatchNorm "
             "statistics at the same path in batch_stats; return each report at its "
             "layer's path."
         )
     return layers
-
-
-def _stat_paths(tree: PyTree) -> list[Path]:
-    paths: list[Path] = []
-
-    def walk(node: Any, path: Path) -> None:
-        if is_batch_stats(node):
-            paths.append(path)
-        elif isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, (*path, k))
-
-    walk(tree, ())
-    return paths
-
-
-def _report_leaves(tree: PyTree) -> list[tuple[Path, BatchNormReport]]:
-    out: list[tuple[Path, BatchNormReport]] = []
-
-    def walk(node: Any, path: Path) -> None:
-        if isinstance(node, BatchNormReport):
-            out.append((path, node))
-        elif isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, (*path, k))
-
-    walk(tree, ())
-    return out
-
-
-def _report_paths(tree: PyTree) -> list[Path]:
-    return [p for p, _ in _report_leaves(tree)]
-
-
-def _name(path: Path) -> str:
-    return "/".join(map(str, path)) or "<root>"
-
-
-def _get(tree: PyTree, path: Path) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _copy(tree: PyTree) -> PyTree:
-    """Fresh nested dicts (leaves shared), so that `_set` changes nothing of the caller's."""
-    if isinstance(tree, Mapping):
-        return {k: _copy(v) for k, v in tree.items()}
-    return tree
-
-
-def _set(tree: PyTree, path: Path, value: Any) -> None:
-    if not path:
-        tree.clear()
-        tree.update(value)
-        return
-    for k in path[:-1]:
-        tree = tree[k]
-    tree[path[-1]] = value

@@ -14,11 +14,13 @@ from jax import lax
 
 from bnjax._core.extras import needs
 from bnjax._core.report import collect_reports
+from bnjax._model import tree
 from bnjax._training import policies as _policies
 from bnjax._training.frozen import batchnorm_mask as batchnorm_mask
 from bnjax._training.frozen import freeze_batchnorm as freeze_batchnorm
 from bnjax._training.policies import StatsPolicy as StatsPolicy
 from bnjax._training.policies import corrected as corrected
+from bnjax._training.policies import corrected_momentum as corrected_momentum
 from bnjax._training.policies import full as full
 from bnjax._training.policies import micro as micro
 
@@ -49,33 +51,6 @@ class StepMetrics(NamedTuple):
 
     loss: jax.Array  # (k,): each micro-batch's loss, in order
     aux: PyTree  # loss_fn's aux, each leaf with a leading axis k
-
-
-def corrected_momentum(momentum: float, accum_steps: int) -> float:
-    """The per-micro-batch momentum that decays old statistics as one step would.
-
-    $$m_k = 1 - (1 - m)^{1/k}$$, so that `(1 - m_k)^k == 1 - m`.
-
-    Args:
-      momentum: the BatchNorm's momentum m (PyTorch's convention), in [0, 1].
-      accum_steps: the number of micro-batches k per optimizer step, >= 1.
-
-    Returns:
-      m_k, a Python float.
-
-    Raises:
-      ValueError: `momentum` outside [0, 1] or `accum_steps` < 1.
-
-    Example:
-      >>> round(bnjax.training.corrected_momentum(0.19, 2), 12)
-      0.1
-    """
-    _check_accum_steps(accum_steps)
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}.")
-    if not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}.")
-    return _policies.corrected_momentum(float(momentum), accum_steps)
 
 
 def split_micro_batches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -160,7 +135,7 @@ def make_train_step(
       `"batch_stats"`;
     - nnx: `y, reports = nnx.capture(model, bnjax.nnx.Reports)(x)`;
     - functional: `bn = bnjax.batch_norm(...)`, `y, moments = bn.normalize(p, s, x,
-      True)`, `new_s = bn.update(s, moments)`, report `bn.report(moments)` at the
+      True)`, `new_s = bn.update_stats(s, moments)`, report `bn.report(moments)` at the
       layer's path (`bn.report(None)` for a layer in eval mode).
 
     Leaves of `batch_stats` that are no BatchNorm's statistics are threaded as
@@ -212,7 +187,8 @@ def make_train_step(
       >>> bn = bnjax.batch_norm(momentum=0.1)
       >>> def loss_fn(params, batch_stats, batch):
       ...     y, moments = bn.normalize(params, batch_stats, batch, train=True)
-      ...     return jnp.mean(y**2), (bn.update(batch_stats, moments), None, bn.report(moments))
+      ...     new_stats = bn.update_stats(batch_stats, moments)
+      ...     return jnp.mean(y**2), (new_stats, None, bn.report(moments))
       >>> params, batch_stats = bn.init(3)
       >>> opt = optax.sgd(0.1)
       >>> step = jax.jit(bnjax.training.make_train_step(
@@ -235,7 +211,7 @@ def make_train_step(
 
     def step(params, batch_stats, opt_state, batch, *loss_args):
         _check_batch(batch, k)
-        view = _PlainView(batch_stats)
+        view = tree.TreeView(batch_stats, "bnjax.training")
         s0 = view.plain(jax.tree.leaves(batch_stats))
 
         def traced_loss(p, stats_plain, micro_batch):
@@ -307,60 +283,6 @@ def _unpack_aux(out: Any) -> tuple[PyTree, PyTree, PyTree]:
         + (f" of length {len(out)}" if isinstance(out, tuple) else "")
         + "."
     )
-
-
-class _PlainView:
-    """The statistics tree as nested plain dicts, and back to the caller's tree type.
-
-    Works for dicts, `FrozenDict`s and `nnx.State`s (whose `Variable` boxes are
-    looked through), so that the policies see one convention.
-    """
-
-    def __init__(self, tree: PyTree):
-        with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
-        self.paths = [_plain_path(path) for path, _ in with_paths]
-        if len(set(self.paths)) != len(self.paths):
-            raise ValueError(
-                "bnjax.training: batch_stats must be nested mappings (dicts, FrozenDicts, "
-                f"nnx.States) of arrays; got structure {self.treedef}."
-            )
-
-    def plain(self, leaves: list[Any]) -> PyTree:
-        if self.paths == [()]:
-            return leaves[0]
-        root: dict[Any, Any] = {}
-        for path, leaf in zip(self.paths, leaves, strict=True):
-            node = root
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = leaf
-        return root
-
-    def leaves(self, plain: PyTree) -> list[Any]:
-        out = []
-        for path in self.paths:
-            node = plain
-            for key in path:
-                node = node[key]
-            out.append(node)
-        return out
-
-    def user(self, plain: PyTree) -> PyTree:
-        return jax.tree.unflatten(self.treedef, self.leaves(plain))
-
-
-def _plain_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    keys = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.GetAttrKey):
-            if entry.name == "value":  # an nnx Variable's box
-                continue
-            keys.append(entry.name)
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            keys.append(entry.idx)
-        else:
-            keys.append(getattr(entry, "key", entry))
-    return tuple(keys)
 
 
 def _check_new_stats(new_stats: PyTree, stats_def: Any, stats_leaves: list[Any]) -> list[Any]:
