@@ -17,6 +17,10 @@ EfficientNet style), at small sizes so the file stays small:
                       The last block and the head normalize 4 values per channel
                       (1x1 maps); with `SEED` PyTorch's own float32 gradients are
                       5e-5 from float64, above a fixed 1e-5, as in deep classifiers.
+  testing_docs.npz    docs/testing.md's model (the page exports the same one when torch
+                      is installed): Linear stem + BatchNorm1d, two residual blocks
+                      (bias-free Linear, BatchNorm1d, ReLU, functional dropout), Linear
+                      head; input (8, 6), 3 classes, 3 SGD steps over 3 batches.
 
 Written by `bnjax.testing.export_fixture` with its defaults: the stochastic layers
 (DropPath, the functional dropout, nn.Dropout) are found by running the training pass
@@ -47,7 +51,7 @@ from bnjax import testing  # noqa: E402
 
 TORCH_VERSION = "2.13.0"
 COMMAND = "python scripts/export_testing_fixtures.py --out tests/fixtures"
-FIXTURE_NAMES = ("testing_mbnet.npz",)
+FIXTURE_NAMES = ("testing_mbnet.npz", "testing_docs.npz")
 STEPS = 3
 #: Of the seeds 0..29 (models and batches alike), the one whose PyTorch float32
 #: gradients are furthest from float64 (5e-5): a model at the conditioning of the deep
@@ -126,6 +130,55 @@ class MBNet(nn.Module):
         return self.fc(self.dropout(x.mean((2, 3))))
 
 
+class DocsBlock(nn.Module):
+    """docs/testing.md's residual block (copied there verbatim)."""
+
+    def __init__(self, width: int, drop: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width, bias=False)
+        self.bn = nn.BatchNorm1d(width)
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.fc(x)))
+        return x + F.dropout(h, self.drop, self.training)
+
+
+class DocsNet(nn.Module):
+    """docs/testing.md's model (copied there verbatim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.block1 = DocsBlock(8, 0.2)
+        self.block2 = DocsBlock(8, 0.2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        return self.head(self.block2(self.block1(x)))
+
+
+def export_docs(out: Path) -> None:
+    """What docs/testing.md's first block runs (same seeds, same calls)."""
+    torch.manual_seed(0)
+    net = DocsNet()
+    batches = [(torch.randn(8, 6) * 2 + 1, torch.randint(0, 3, (8,))) for _ in range(3)]
+    (x, labels), later = batches[0], batches[1:]
+    testing.export_fixture(
+        out / "testing_docs.npz",
+        net,
+        (x,),
+        targets=(labels,),
+        loss=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        batches=[((xk,), (yk,)) for xk, yk in later],
+        description="docs/testing.md's model; loss: mean cross_entropy against targets/0.",
+        command=COMMAND,
+    )
+
+
 def _perturb_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Non-trivial BN affine and running statistics (a 'pretrained' model)."""
     with torch.no_grad():
@@ -179,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         command=COMMAND,
     )
-    print(f"wrote {args.out / 'testing_mbnet.npz'}")
+    export_docs(args.out)
+    for name in FIXTURE_NAMES:
+        print(f"wrote {args.out / name}")
     return 0
 
 
