@@ -211,3 +211,23 @@ def test_compare_rounding_rule():
     rows = {r.path: r for r in testing.compare_rounding(got64, ref, t32, factor=10)}
     assert rows["a"].allowed == pytest.approx(10 * 4e-7 * eps64 / eps32 + 8 * eps64 * 2.0)
     assert not rows["n"].ok  # integers are exact
+
+
+def test_the_model_runs_at_full_float32_precision():
+    """No TF32 or bfloat16 passes on accelerators: those are far above PyTorch's rounding."""
+    y = np.array([[3.0]], np.float32)
+    arrays = {"inputs/0": np.ones((1, 2), np.float32), "eval/output/0": y, "train/output/0": y}
+    arrays["state_dict/train/fc.weight"] = np.array([[1.0, 2.0]], np.float32)
+    fx = testing.Fixture({}, arrays)
+    variables = {"params": {"fc": {"kernel": jnp.array([[1.0], [2.0]])}}}
+    seen = []
+
+    def forward(v, x, train):
+        seen.append(jax.config.jax_default_matmul_precision)  # read while tracing
+        return x @ v["params"]["fc"]["kernel"], v
+
+    assert testing.check_model(fx, forward, variables).reference == "float32"
+    assert set(seen) == {"highest"}
+    seen.clear()
+    testing.check_model(fx, forward, variables, precision=None)
+    assert set(seen) == {None}

@@ -5,6 +5,7 @@ Equivalence tests of a JAX model against PyTorch: export a fixture, check a mode
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -54,6 +55,7 @@ def check_model(
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     factor: float = ROUNDING_FACTOR,
     raise_on_failure: bool = True,
+    precision: str | None = "highest",
     **interop_options: Any,
 ) -> ModelCheck:
     """Checks that a Flax model reproduces a fixture: outputs, state, gradients, steps.
@@ -95,6 +97,10 @@ def check_model(
         reference only).
       raise_on_failure: raise at the end when a group fails (default); `False`
         returns the result to inspect (`result.ok`, `result.failures`).
+      precision: the model runs under `jax.default_matmul_precision(precision)`:
+        `"highest"` (default) keeps float32 matmuls and convolutions in float32 on
+        GPUs and TPUs, where the default would be TF32 or bfloat16 passes, far above
+        PyTorch's float32 rounding; `None` leaves the current setting.
       **interop_options: passed to `bnjax.interop.to_torch` (`rename`, `match`...).
 
     Returns:
@@ -157,37 +163,39 @@ def check_model(
         exp = name(fixture)
         found[group].append((got, exp, None if ref64 is None else name(ref64)))
 
-    xs = model_inputs(0)
-    y_eval, _ = forward(variables, *xs, train=False)
-    add("eval", _numbered(as_tuple(y_eval)), lambda f: _numbered(f.outputs("eval")))
-    y_train, new_vars = forward(variables, *xs, train=True)
-    add("train", _numbered(as_tuple(y_train)), lambda f: _numbered(f.outputs("train")))
-    add("state", to_torch(new_vars, "train"), lambda f: f.state_dict("train"))
-    if loss is not None:
+    # Full float32 matmuls and convolutions (no TF32 on GPUs): PyTorch's CPU numbers.
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        xs = model_inputs(0)
+        y_eval, _ = forward(variables, *xs, train=False)
+        add("eval", _numbered(as_tuple(y_eval)), lambda f: _numbered(f.outputs("eval")))
+        y_train, new_vars = forward(variables, *xs, train=True)
+        add("train", _numbered(as_tuple(y_train)), lambda f: _numbered(f.outputs("train")))
+        add("state", to_torch(new_vars, "train"), lambda f: f.state_dict("train"))
+        if loss is not None:
 
-        def loss_of(p: Any, v: Any, xs: Any, ts: Any) -> tuple[Any, Any]:
-            y, new = forward(rebuild(v, p), *xs, train=True)
-            return loss(y, *ts), new
+            def loss_of(p: Any, v: Any, xs: Any, ts: Any) -> tuple[Any, Any]:
+                y, new = forward(rebuild(v, p), *xs, train=True)
+                return loss(y, *ts), new
 
-        grad_fn = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
-        (value, _), grads = grad_fn(params, variables, xs, targets(0))
-        add("train", {"loss": value}, lambda f: {"loss": f.loss()})
-        add("grads", to_torch(_as_params(grads), "grads"), lambda f: f.grads())
-        if optimizer is not None:
-            import optax
+            grad_fn = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
+            (value, _), grads = grad_fn(params, variables, xs, targets(0))
+            add("train", {"loss": value}, lambda f: {"loss": f.loss()})
+            add("grads", to_torch(_as_params(grads), "grads"), lambda f: f.grads())
+            if optimizer is not None:
+                import optax
 
-            opt_state = optimizer.init(params)
-            current = new_vars
-            for k in range(fixture.steps):
-                if k:
-                    p, _ = _split_params(current)
-                    (value, current), grads = grad_fn(p, current, model_inputs(k), targets(k))
-                    add("steps", {f"{k}/loss": value}, lambda f, k=k: {f"{k}/loss": f.loss(k)})
-                p, rebuild_k = _split_params(current)
-                updates, opt_state = optimizer.update(grads, opt_state, p)
-                current = rebuild_k(current, optax.apply_updates(p, updates))
-                add("steps", _prefixed(to_torch(current, f"step{k}"), k),
-                    lambda f, k=k: _prefixed(f.state_dict(f"step{k}"), k))  # fmt: skip
+                opt_state = optimizer.init(params)
+                current = new_vars
+                for k in range(fixture.steps):
+                    if k:
+                        p, _ = _split_params(current)
+                        (value, current), grads = grad_fn(p, current, model_inputs(k), targets(k))
+                        add("steps", {f"{k}/loss": value}, lambda f, k=k: {f"{k}/loss": f.loss(k)})
+                    p, rebuild_k = _split_params(current)
+                    updates, opt_state = optimizer.update(grads, opt_state, p)
+                    current = rebuild_k(current, optax.apply_updates(p, updates))
+                    add("steps", _prefixed(to_torch(current, f"step{k}"), k),
+                        lambda f, k=k: _prefixed(f.state_dict(f"step{k}"), k))  # fmt: skip
 
     groups, leaves = [], []
     for group, parts in found.items():
