@@ -9,7 +9,8 @@ the same examples grouped differently and compares each example's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -23,20 +24,31 @@ class EvalTrapError(AssertionError):
     """Eval-mode outputs depend on batch composition or size (see the message)."""
 
 
+#: The automatic tolerance: `ROUNDING_FACTOR` times the output's measured float32 rounding
+#: (its distance from the same model run in float64) plus `FLOOR_ULPS` units in the last
+#: place of its largest value; `FALLBACK_ULPS` units when no float64 run is possible.
+ROUNDING_FACTOR = 8.0
+FLOOR_ULPS = 8.0
+FALLBACK_ULPS = 4096.0
+
+
 class EvalCheckReport(NamedTuple):
     """What `check_batch_independence` found."""
 
     ok: bool  # True when every example's outputs are the same however it is batched
     failures: tuple[str, ...]  # one line per (regrouping, output) that differs or raised
     max_abs_diff: float  # the largest difference seen over all regroupings and outputs
+    tolerances: Mapping[str, float] = MappingProxyType({})  # output -> allowed |diff| (auto)
+    rule: str = ""  # how the tolerance was set (measured rounding, estimate, or fixed)
 
 
 def check_batch_independence(
     model: Any,
     *args: Any,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     max_singles: int | None = 8,
+    factor: float = ROUNDING_FACTOR,
     raise_on_failure: bool = True,
     **call_kwargs: Any,
 ) -> EvalCheckReport:
@@ -64,21 +76,32 @@ def check_batch_independence(
     Return intermediates from `apply_fn` (e.g. a dict of each layer's output) to
     learn *which layer* starts to differ: every output leaf is compared and named.
 
+    How different is different: regrouping legitimately changes float32 rounding
+    (kernels pick their blocking and algorithm from the batch size), by as much as the
+    model's own float32 error. By default each output may differ by `ROUNDING_FACTOR`
+    times that error, measured by running the whole batch once more in float64 (the
+    variables and batch widened, under `jax.enable_x64`), plus `FLOOR_ULPS` units in
+    the last place of the output's largest value; where no float64 run is possible
+    (the model fails or keeps float32) `FALLBACK_ULPS` units. A BatchNorm in training
+    mode changes outputs by a sizable fraction of their scale, far above either.
+
     Args:
       model: a functional `apply_fn`, a `flax.linen.Module` or a `flax.nnx.Module`.
         Every leaf of the batch and of the outputs has the batch as its leading axis.
       *args: functional and linen: `variables, batch` (`variables`: whatever
         `apply_fn` takes first, e.g. `(params, batch_stats)`); nnx: `batch`. The
         batch is a pytree of arrays, all with the same leading size N >= 2.
-      rtol: relative tolerance of the comparison.
-      atol: absolute tolerance of the comparison.
+      rtol: a fixed relative tolerance instead of the automatic one (elementwise
+        `|diff| <= atol + rtol |expected|`; the other defaults to 1e-5).
+      atol: a fixed absolute tolerance instead of the automatic one.
       max_singles: how many examples to run alone (`None`: all N).
+      factor: the automatic tolerance's multiple of the measured float32 rounding.
       raise_on_failure: raise `EvalTrapError` when a check fails (default), or
         only return the report.
       **call_kwargs: linen and nnx: keyword arguments of the model's call.
 
     Returns:
-      An `EvalCheckReport(ok, failures, max_abs_diff)`.
+      An `EvalCheckReport(ok, failures, max_abs_diff, tolerances, rule)`.
 
     Raises:
       EvalTrapError: (an `AssertionError`) when outputs depend on the batch and
@@ -106,6 +129,12 @@ def check_batch_independence(
                 "leading axis."
             )
     ref_structure = jax.tree_util.tree_structure(reference)
+    fixed = rtol is not None or atol is not None
+    if fixed:
+        rtol, atol = (1e-5 if rtol is None else rtol), (1e-5 if atol is None else atol)
+        tolerances, rule = {}, f"fixed rtol={rtol:g}, atol={atol:g}"
+    else:
+        tolerances, rule = _rounding_tolerances(fn, variables, batch, ref_leaves, factor)
 
     def take(tree: Any, idx: np.ndarray) -> Any:
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[idx], tree)
@@ -161,15 +190,28 @@ def check_batch_independence(
             diff = np.abs(got_np.astype(np.float64) - ref_np.astype(np.float64))
             if diff.size and not np.isnan(diff).all():
                 worst = max(worst, float(np.nanmax(diff)))
-            bad = ~np.isclose(got_np, ref_np, rtol=rtol, atol=atol, equal_nan=True)
+            key = jax.tree_util.keystr(path) or "<root>"
+            if fixed:
+                bad = ~np.isclose(got_np, ref_np, rtol=rtol, atol=atol, equal_nan=True)
+                allowed = ""
+            else:
+                both_nan = np.isnan(got_np.astype(np.float64)) & np.isnan(ref_np.astype(np.float64))
+                bad = ~((diff <= tolerances[key]) | both_nan)
+                allowed = f" (allowed {tolerances[key]:.3g})"
             if bad.any():
                 examples = sorted({int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1))[0]})
                 failures.append(
-                    f"{name}: output {jax.tree_util.keystr(path) or '<root>'} differs by up to "
-                    f"{float(np.nanmax(diff)):.3g} for example(s) "
+                    f"{name}: output {key} differs by up to {float(np.nanmax(diff)):.3g}"
+                    f"{allowed} for example(s) "
                     f"{[int(which[i]) for i in examples[:5]]}{' ...' if len(examples) > 5 else ''}"
                 )
-    report = EvalCheckReport(ok=not failures, failures=tuple(failures), max_abs_diff=worst)
+    report = EvalCheckReport(
+        ok=not failures,
+        failures=tuple(failures),
+        max_abs_diff=worst,
+        tolerances=MappingProxyType(tolerances),
+        rule=rule,
+    )
     if failures and raise_on_failure:
         raise EvalTrapError(
             "check_batch_independence: eval-mode outputs depend on how examples are "
@@ -179,6 +221,57 @@ def check_batch_independence(
             "running statistics: call it with train=False and its running statistics."
         )
     return report
+
+
+def _rounding_tolerances(
+    fn: Callable[[Any, Any], Any], variables: Any, batch: Any, ref_leaves: list, factor: float
+) -> tuple[dict[str, float], str]:
+    """Per output, the allowed |diff|: `factor` x its float32 rounding, measured in float64."""
+    wide = _float64_run(fn, variables, batch)
+    wide_leaves = None if wide is None else jax.tree_util.tree_leaves(wide)
+    if wide_leaves is not None and len(wide_leaves) != len(ref_leaves):
+        wide_leaves = None
+    tolerances, measured, estimated = {}, 0, 0
+    for i, (path, leaf) in enumerate(ref_leaves):
+        key = jax.tree_util.keystr(path) or "<root>"
+        x = np.asarray(leaf)
+        if x.dtype.kind != "f":
+            tolerances[key] = 0.0
+            continue
+        eps = float(np.finfo(x.dtype).eps)
+        scale = float(np.nanmax(np.abs(x), initial=0.0))
+        w = None if wide_leaves is None else np.asarray(wide_leaves[i])
+        if w is not None and w.dtype == np.float64 and x.dtype != np.float64:
+            with np.errstate(invalid="ignore"):
+                rounding = float(np.nanmax(np.abs(x.astype(np.float64) - w), initial=0.0))
+            tolerances[key] = factor * rounding + FLOOR_ULPS * eps * scale
+            measured += 1
+        else:
+            tolerances[key] = FALLBACK_ULPS * eps * scale
+            estimated += 1
+    parts = []
+    if measured:
+        parts.append(f"{factor:g} x float32 rounding measured in float64 + {FLOOR_ULPS:g} ulps")
+    if estimated:
+        parts.append(f"{FALLBACK_ULPS:g} ulps of the largest output (no float64 run)")
+    return tolerances, "; ".join(parts)
+
+
+def _float64_run(fn: Callable[[Any, Any], Any], variables: Any, batch: Any) -> Any:
+    """The model on the whole batch with floating variables and inputs in float64, or None."""
+
+    def widen(a: Any) -> Any:
+        dtype = getattr(a, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            return a
+        return jnp.asarray(a, jnp.float64)
+
+    try:
+        with jax.enable_x64(True):
+            out = fn(jax.tree_util.tree_map(widen, variables), jax.tree_util.tree_map(widen, batch))
+            return jax.tree_util.tree_map(np.asarray, out)
+    except Exception:  # a model that cannot run in float64 gets the estimate
+        return None
 
 
 def _as_apply_fn(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any]):
