@@ -78,7 +78,7 @@ def _loss(axis_name, global_mean=True):
         else:  # the global mean over every device's rows
             loss = jax.lax.psum(se, axis_name) / jax.lax.psum(t.shape[0], axis_name)
         loss = loss + jax.lax.stop_gradient(jnp.sum(bad))  # this device's rows only
-        new = {"bn": layer.update(stats["bn"], moments)}
+        new = {"bn": layer.update_stats(stats["bn"], moments)}
         return loss, (new, None, {"bn": layer.report(moments)})
 
     return loss_fn

@@ -68,7 +68,11 @@ def _loss(params, stats, batch):
     pred = jnp.dot(jnp.tanh(y), params["head"], precision=HI)
     poison = jnp.sqrt(jnp.abs(params["head"][0]) * g) * 0
     loss = jnp.mean((pred - t) ** 2) + poison
-    return loss, ({"bn": layer.update(stats["bn"], moments)}, None, {"bn": layer.report(moments)})
+    return loss, (
+        {"bn": layer.update_stats(stats["bn"], moments)},
+        None,
+        {"bn": layer.report(moments)},
+    )
 
 
 def _batch(seed, k=K, dtype=jnp.float32, fault=None, where=1):
