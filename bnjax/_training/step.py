@@ -195,11 +195,10 @@ def make_train_step(
     Raises:
       ValueError: bad `accum_steps`, `grad_reduction` or `stats_policy`, or an
         `axis_name` without `skip_nonfinite` (when called); when tracing the step,
-        a batch whose leading axes are not k, a
-        `loss_fn` whose statistics change structure, shape or dtype, and (for
-        `"corrected"`/`"full"`) a `loss_fn` that returns no report for a
-        BatchNorm, a layer updated twice per micro-batch, and `"corrected"` with
-        `momentum=None`.
+        a batch whose leading axes are not k, a `loss_fn` whose statistics change
+        structure, shape or dtype, and (for `"corrected"`/`"full"`) a `loss_fn`
+        that returns no report for a BatchNorm, a layer updated twice per
+        micro-batch, and `"corrected"` with `momentum=None`.
 
     Example:
       >>> import jax, optax
