@@ -18,6 +18,9 @@ Models (channels-last, reduced image size so that CPU runs stay short):
   functionally with `bnjax.apply` (`bnjax (functional)`).
 * `accum`: `bnjax.training.make_train_step` with k=4 micro-batches (the ResNet-18
   model, `stats_policy="micro"`, the policy flax.linen's BatchNorm can follow).
+* `resnet18_inbn`: ResNet-18 whose first BatchNorm normalizes the raw input image
+  (a "data BatchNorm"), so that one BatchNorm reads its input from memory rather than
+  from a convolution's output inside one fusion.
 
 Each BatchNorm is `bnjax.linen.BatchNorm(momentum=0.1)` or
 `flax.linen.BatchNorm(momentum=0.9, dtype=dtype)`; everything else is the same module.
@@ -26,7 +29,8 @@ Method (as `bench_bn.py`):
 
 * Training step = loss, gradient, optax SGD-momentum update, new batch statistics,
   jitted with the state donated and threaded from call to call. Eval = the forward
-  with the running statistics.
+  with the running statistics. Train fwd = the training-mode forward alone (batch
+  statistics, new running statistics, no gradient): what precise BN runs per batch.
 * Compile time = trace + lower + XLA compile of a fresh closure (nothing cached),
   wall clock; `--compiles` of them, interleaved between implementations; reported is
   each one's median and the median of the per-round ratios.
@@ -144,10 +148,13 @@ class ResNet(nn.Module):
     width: int
     norm: Callable[[], nn.Module]
     dtype: Any = jnp.float32
+    input_bn: bool = False  # a BatchNorm on the raw input, before the stem
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
+        if self.input_bn:
+            x = self.norm()(x, use_running_average=not train)
         x = nn.Conv(
             self.width, (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False, dtype=self.dtype
         )(x)
@@ -197,12 +204,17 @@ class Impl:
     eval: Callable  # (params, batch_stats, x) -> logits
     batch: tuple  # (x, labels), or (k, ...) micro-batches for the accumulation step
     eval_x: jax.Array
+    # (params, batch_stats, x) -> (logits, new batch_stats): the training-mode forward
+    # alone (precise BN's per-batch work), or None where it is not measured.
+    forward: Callable | None = None
     compiled_train: Any = None
     compiled_eval: Any = None
+    compiled_forward: Any = None
     compile_train_s: list[float] = field(default_factory=list)
     compile_eval_s: float = float("nan")
     train_times: list[float] = field(default_factory=list)
     eval_times: list[float] = field(default_factory=list)
+    forward_times: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
 
 
@@ -226,8 +238,14 @@ def linen_impl(name: str, model: nn.Module, x: jax.Array, labels: jax.Array) -> 
     def evaluate(params, stats, x):
         return model.apply({"params": params, "batch_stats": stats}, x, train=False)
 
+    def forward(params, stats, x):
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return logits, upd["batch_stats"]
+
     state = (params, stats, OPTIMIZER.init(params))
-    return Impl(name, state, train, evaluate, (x, labels), x)
+    return Impl(name, state, train, evaluate, (x, labels), x, forward)
 
 
 def accum_impl(name: str, model: nn.Module, x: jax.Array, labels: jax.Array, k: int) -> Impl:
@@ -297,8 +315,11 @@ def functional_mlp_impl(hidden: Sequence[int], x: jax.Array, labels: jax.Array) 
     def evaluate(params, stats, x):
         return forward(params, stats, x, False)[0]
 
+    def train_forward(params, stats, x):
+        return forward(params, stats, x, True)
+
     state = (params, stats, OPTIMIZER.init(params))
-    return Impl("bnjax (functional)", state, train, evaluate, (x, labels), x)
+    return Impl("bnjax (functional)", state, train, evaluate, (x, labels), x, train_forward)
 
 
 @dataclass
@@ -321,12 +342,14 @@ def configs(quick: bool, batch: int | None = None) -> dict[str, Config]:
             "resnet50": Config("resnet50", 4, 32),
             "mlp": Config("mlp", 64, None),
             "accum": Config("accum", 8, 32),
+            "resnet18_inbn": Config("resnet18_inbn", 8, 32),
         }
     return {
         "resnet18": Config("resnet18", 32, 64),
         "resnet50": Config("resnet50", 16, 64),
         "mlp": Config("mlp", 256, None),
         "accum": Config("accum", 32, 64),
+        "resnet18_inbn": Config("resnet18_inbn", 32, 64),
     }
 
 
@@ -347,8 +370,8 @@ def build(cfg: Config, dtype: Any, control: bool = True) -> list[Impl]:
         builds.append((CONTROL, flax_norm))
     for name, norm in builds:
         n = norm(dtype)
-        if cfg.name in ("resnet18", "accum"):
-            model = ResNet((2, 2, 2, 2), BasicBlock, 64, n, dtype)
+        if cfg.name in ("resnet18", "accum", "resnet18_inbn"):
+            model = ResNet((2, 2, 2, 2), BasicBlock, 64, n, dtype, cfg.name == "resnet18_inbn")
         elif cfg.name == "resnet50":
             model = ResNet((3, 4, 6, 3), Bottleneck, 16, n, dtype)
         else:
@@ -384,6 +407,8 @@ def compile_all(impls: list[Impl], compiles: int) -> None:
         im.compiled_eval, im.compile_eval_s = _compile(
             im.eval, (im.state[0], im.state[1], im.eval_x)
         )
+        if im.forward is not None:
+            im.compiled_forward, _ = _compile(im.forward, (im.state[0], im.state[1], im.eval_x))
         m = im.compiled_train.memory_analysis()
         im.memory = {
             "temp": m.temp_size_in_bytes / 2**20,
@@ -426,9 +451,16 @@ def run_rounds(impls: list[Impl], rounds: int, target_s: float) -> None:
     def eval_call(im: Impl) -> Any:
         return im.compiled_eval(im.state[0], im.state[1], im.eval_x)
 
+    def forward_call(im: Impl) -> Any:
+        return im.compiled_forward(im.state[0], im.state[1], im.eval_x)
+
+    workloads = [("train", train_call), ("eval", eval_call)]
+    if all(im.forward is not None for im in impls):
+        workloads.append(("forward", forward_call))
+    times = {"train": "train_times", "eval": "eval_times", "forward": "forward_times"}
     reps: dict[tuple[str, str], int] = {}
     for im in impls:  # warm up (page in, fill the allocator's free lists), size the rounds
-        for kind, call in (("train", train_call), ("eval", eval_call)):
+        for kind, call in workloads:
             for _ in range(2):
                 jax.block_until_ready(call(im))
             t0 = time.perf_counter()
@@ -437,14 +469,14 @@ def run_rounds(impls: list[Impl], rounds: int, target_s: float) -> None:
             reps[(im.name, kind)] = max(1, min(100, int(target_s / dt)))
     for r in range(rounds):
         order = impls[r % len(impls) :] + impls[: r % len(impls)]
-        for kind, call in (("train", train_call), ("eval", eval_call)):
+        for kind, call in workloads:
             for im in order:
                 n = reps[(im.name, kind)]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     jax.block_until_ready(call(im))
                 dt = (time.perf_counter() - t0) / n
-                (im.train_times if kind == "train" else im.eval_times).append(dt)
+                getattr(im, times[kind]).append(dt)
 
 
 # ----------------------------------------------------------------------- reporting
@@ -469,16 +501,24 @@ def table(model: str, dtype: str, impls: list[Impl]) -> str:
         f"#### {model}, {dtype}",
         "",
         "| implementation | train ms | x flax.linen | eval ms | x flax.linen "
+        "| train fwd ms | x flax.linen "
         "| train compile s | x flax.linen | eval compile s | temp MiB | total MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for im in impls:
+        fwd = (
+            f"| {statistics.median(im.forward_times) * 1e3:.2f} "
+            f"| {_ratio(im.forward_times, ref.forward_times)} "
+            if im.forward_times
+            else "| - | - "
+        )
         lines.append(
             f"| {im.name} | {statistics.median(im.train_times) * 1e3:.2f} "
             f"| {_ratio(im.train_times, ref.train_times)} "
             f"| {statistics.median(im.eval_times) * 1e3:.2f} "
             f"| {_ratio(im.eval_times, ref.eval_times)} "
-            f"| {statistics.median(im.compile_train_s):.2f} "
+            + fwd
+            + f"| {statistics.median(im.compile_train_s):.2f} "
             f"| {_ratio(im.compile_train_s, ref.compile_train_s)} "
             f"| {im.compile_eval_s:.2f} | {im.memory['temp']:.1f} | {im.memory['total']:.1f} |"
         )
@@ -492,6 +532,8 @@ def _checks(model: str, im: Impl, ref: Impl) -> list[tuple[str, float, float]]:
         ("eval", paired_median(im.eval_times, ref.eval_times), 1.0),
         ("temp memory", im.memory["temp"] / max(ref.memory["temp"], 1e-9), 1.0),
     ]
+    if im.forward_times and ref.forward_times:
+        checks.append(("train fwd", paired_median(im.forward_times, ref.forward_times), 1.0))
     if model.startswith("resnet"):
         checks.append(
             ("train compile", paired_median(im.compile_train_s, ref.compile_train_s), 1.05)
@@ -522,6 +564,10 @@ def targets(results: dict[tuple[str, str], list[Impl]]) -> str:
                 "train": xla_program(im.compiled_train) == xla_program(ref.compiled_train),
                 "eval": xla_program(im.compiled_eval) == xla_program(ref.compiled_eval),
             }
+            if im.compiled_forward is not None and ref.compiled_forward is not None:
+                same["train fwd"] = xla_program(im.compiled_forward) == xla_program(
+                    ref.compiled_forward
+                )
             for what, r, bound in _checks(model, im, ref):
                 resolution = abs(control[what] - 1.0)
                 r, resolution = round(r, 3), round(resolution, 3)  # as printed
@@ -559,7 +605,9 @@ def machine_line() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, float32, no file")
-    ap.add_argument("--models", default=None, help="default resnet18,resnet50,mlp,accum")
+    ap.add_argument(
+        "--models", default=None, help="default resnet18,resnet50,mlp,accum,resnet18_inbn"
+    )
     ap.add_argument("--dtypes", default=None, help="float32,bfloat16 (quick: float32)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--compiles", type=int, default=None, help="fresh compiles per step")
@@ -569,7 +617,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     quick = args.quick
-    models = args.models or ("mlp,resnet18,accum" if quick else "resnet18,resnet50,mlp,accum")
+    models = args.models or (
+        "mlp,resnet18,accum,resnet18_inbn" if quick else "resnet18,resnet50,mlp,accum,resnet18_inbn"
+    )
     dtypes = (args.dtypes or ("float32" if quick else "float32,bfloat16")).split(",")
     rounds = args.rounds or (3 if quick else 11)
     compiles = args.compiles or (1 if quick else 3)

@@ -55,7 +55,7 @@ EPSILON = 1e-3  # Keras's default, 100x PyTorch's: the eps placement shows
 
 CLIP = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5}}
 NOCLIP = {"renorm": True, "renorm_clipping": {"rmax": 100.0, "rmin": 0.01, "dmax": 100.0}}
-# name: (x shape per step, Keras layer kwargs beyond the common ones)
+# name: (x shape per step, Keras layer kwargs beyond the common ones[, data options])
 SCENARIOS = {
     "renorm_clip_2d": ((8, 3), CLIP),
     "renorm_noclip_2d": ((8, 3), NOCLIP),
@@ -64,13 +64,27 @@ SCENARIOS = {
     "ghost_2d": ((8, 3), {"virtual_batch_size": 4}),
     "ghost_4d": ((6, 2, 2, 3), {"virtual_batch_size": 2}),
     "ghost_renorm_4d": ((6, 2, 2, 3), {"virtual_batch_size": 3, **CLIP}),
+    # Keras's `renorm=True` as it comes (no renorm_clipping, renorm_momentum 0.99),
+    # on inputs far enough from the renorm statistics that Renorm()'s default clipping
+    # (rmax 3, dmax 5) would bind: what `bnjax.Renorm.keras()` must reproduce.
+    "renorm_keras_defaults_2d": ((8, 3), {"renorm": True}, {"loc": 6.0, "scale": (0.1, 6.0)}),
+    # Keras's default fused 4D layer: its moving variance is the unbiased one.
+    "fused_4d": ((4, 3, 3, 2), {"fused": True}),
 }
+# Scenarios whose renorm momentum is Keras's default (no renorm_momentum argument).
+KERAS_DEFAULTS = {"renorm_keras_defaults_2d"}
 
 
-def _layer(kwargs: dict, shape: tuple[int, ...]) -> tf_keras.layers.BatchNormalization:
-    extra = {"renorm_momentum": RENORM_MOMENTUM} if kwargs.get("renorm") else {}
+def _extra(name: str, kwargs: dict) -> dict:
+    """The renorm momentum every renorm scenario uses, unless it keeps Keras's default."""
+    if kwargs.get("renorm") and name not in KERAS_DEFAULTS:
+        return {"renorm_momentum": RENORM_MOMENTUM}
+    return {}
+
+
+def _layer(kwargs: dict, shape: tuple[int, ...], extra: dict) -> tf_keras.layers.BatchNormalization:
     layer = tf_keras.layers.BatchNormalization(
-        axis=-1, momentum=MOMENTUM, epsilon=EPSILON, fused=False, **kwargs, **extra
+        axis=-1, momentum=MOMENTUM, epsilon=EPSILON, **{"fused": False, **kwargs}, **extra
     )
     layer.build(shape)
     return layer
@@ -80,11 +94,20 @@ def _assign(var: tf.Variable, value: np.ndarray) -> None:
     var.assign(np.reshape(value, var.shape).astype(np.float32))
 
 
-def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str, np.ndarray]:
+def run(
+    name: str,
+    shape: tuple[int, ...],
+    kwargs: dict,
+    seed: int,
+    data: dict | None = None,
+    command: str = COMMAND,
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
+    data = data or {}
     c = shape[-1]
-    layer = _layer(kwargs, shape)
-    plain = _layer({k: v for k, v in kwargs.items() if not k.startswith("renorm")}, shape)
+    extra = _extra(name, kwargs)
+    layer = _layer(kwargs, shape, extra)
+    plain = _layer({k: v for k, v in kwargs.items() if not k.startswith("renorm")}, shape, {})
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     beta = rng.normal(size=c).astype(np.float32)
     for lay in (layer, plain):
@@ -93,8 +116,8 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
     out = {"gamma": gamma, "beta": beta}
     for t in range(STEPS):
         # Per-feature means and scales that move from step to step, so r and d vary.
-        loc = rng.normal(size=c) * 2.0 + 0.5 * t
-        scale = rng.uniform(0.3, 3.0, c)
+        loc = rng.normal(size=c) * data.get("loc", 2.0) + 0.5 * t
+        scale = rng.uniform(*data.get("scale", (0.3, 3.0)), c)
         x = (rng.normal(size=shape) * scale + loc).astype(np.float32)
         g = rng.normal(size=shape).astype(np.float32)
         xt = tf.constant(x)
@@ -124,7 +147,7 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
     out["x_eval"] = x_eval
     out["y_eval"] = layer(tf.constant(x_eval), training=False).numpy()
     meta = {
-        "command": COMMAND,
+        "command": command,
         "scenario": name,
         "keras_kwargs": {
             "axis": -1,
@@ -132,8 +155,9 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
             "epsilon": EPSILON,
             "fused": False,
             **kwargs,
-            **({"renorm_momentum": RENORM_MOMENTUM} if kwargs.get("renorm") else {}),
+            **extra,
         },
+        **({"data": data} if data else {}),
         "steps": STEPS,
         "seed": seed,
         "versions": {
@@ -150,13 +174,21 @@ def run(name: str, shape: tuple[int, ...], kwargs: dict, seed: int) -> dict[str,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("tests/fixtures"))
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(SCENARIOS), help="write these scenarios only"
+    )
     args = parser.parse_args(argv)
     tf.config.experimental.enable_op_determinism()
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (name, (shape, kwargs)) in enumerate(SCENARIOS.items()):
-        arrays = run(name, shape, kwargs, seed=100 + i)
+    for i, (name, (shape, kwargs, *data)) in enumerate(SCENARIOS.items()):
+        if args.only and name not in args.only:
+            continue
+        command = COMMAND + (f" --only {' '.join(args.only)}" if args.only else "")
+        arrays = run(
+            name, shape, kwargs, seed=100 + i, data=data[0] if data else None, command=command
+        )
         path = args.out_dir / f"keras_{name}.npz"
         np.savez_compressed(path, **arrays)
         print(f"wrote {path} ({path.stat().st_size} bytes)", file=sys.stderr)

@@ -7,6 +7,8 @@
 2. The eval path against the float64 `(x - running_mean) * weight / sqrt(running_var +
    eps) + bias`, for `x ~ 1e4 + randn`; and what folding the mean into the shift, `x *
    scale + (bias - running_mean * scale)` (PyTorch's CPU inference kernel), would give.
+3. The training forward against the float64 batch statistics, at mean 1 and 1e4:
+   forward only (raw sums under the large-mean guard) and inside a training step.
 
     python scripts/perf_numerics.py
 
@@ -68,6 +70,30 @@ def eval_fold_error() -> None:
     print(f"  the mean folded into the shift, x * scale + shift: {err:.1e}")
 
 
+def train_forward_errors() -> None:
+    """Forward-only training (the custom_jvp primal: raw sums under a guard) against
+    the float64 batch statistics of the same float32 values, at a small and a large
+    mean, next to the training step's forward (the JVP path: shifted sums)."""
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal(SHAPE)
+    params, stats = bnjax.init(SHAPE[-1])
+    forward = jax.jit(lambda x: bnjax.apply(params, stats, x, True)[0])
+    in_step = jax.jit(lambda x: jax.vjp(lambda x: bnjax.apply(params, stats, x, True)[0], x)[0])
+    for loc in (1.0, 1e4):
+        x = (loc + z).astype(np.float32)
+        x64 = x.astype(np.float64)
+        mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+        ref = (x64 - mean) / np.sqrt(var + 1e-5)
+        errs = [
+            np.max(np.abs(np.asarray(f(jnp.asarray(x)), np.float64) - ref))
+            for f in (forward, in_step)
+        ]
+        print(
+            f"train forward, x ~ {loc:g} + randn: max |y - float64| = {errs[0]:.1e} "
+            f"(forward only), {errs[1]:.1e} (inside a training step)"
+        )
+
+
 def _folded(x, mean, var):
     scale = jax.lax.rsqrt(var + 1e-5)
     return x * scale + (-mean * scale)
@@ -76,3 +102,4 @@ def _folded(x, mean, var):
 if __name__ == "__main__":
     raw_moment_errors()
     eval_fold_error()
+    train_forward_errors()

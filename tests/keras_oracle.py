@@ -3,8 +3,10 @@
 Keras's conventions, converted explicitly here (docs/accumulation.md says the same):
 
 - momentum: Keras's is the weight of the old value; bnjax's (PyTorch's) of the new:
-  `momentum = 1 - keras_momentum`, `Renorm(momentum=1 - renorm_momentum)`.
-- variance: Keras's moving variance is the biased EMA, bnjax's the unbiased one. The
+  `momentum = 1 - keras_momentum`; renorm's settings come from the preset
+  `bnjax.Renorm.keras(renorm_clipping, renorm_momentum)`.
+- variance: Keras's unfused layer (`fused=False`, every fixture here but `fused_4d`)
+  keeps the biased EMA, bnjax the unbiased one. The
   EMA is linear, so starting bnjax's `running_var` at `n / (n - 1)` (Keras starts at
   1) keeps `running_var == n / (n - 1) * keras_moving_variance` at every step.
   With renorm, Keras's moving variance is `moving_stddev**2 - eps` (an EMA of
@@ -43,13 +45,9 @@ def settings(meta: dict) -> dict:
     """bnjax's `apply` options for a fixture's Keras arguments."""
     kw = meta["keras_kwargs"]
     out = {"momentum": round(1 - kw["momentum"], 12), "eps": kw["epsilon"]}
-    if kw.get("renorm"):
-        clip = kw["renorm_clipping"]
-        out["renorm"] = bnjax.Renorm(
-            rmax=clip["rmax"],
-            dmax=clip["dmax"],
-            rmin=clip["rmin"],
-            momentum=round(1 - kw["renorm_momentum"], 12),
+    if kw.get("renorm"):  # Keras's defaults where the fixture leaves them out
+        out["renorm"] = bnjax.Renorm.keras(
+            kw.get("renorm_clipping"), kw.get("renorm_momentum", 0.99)
         )
     out["virtual_batch_size"] = kw.get("virtual_batch_size")
     return out

@@ -31,9 +31,12 @@ so do moved elements. It guards against accidents, not tampering.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +106,15 @@ def save_sharded_checkpoint(
         path.mkdir(parents=True, exist_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)  # uncommitted until the new one is written
     _barrier("bnjax_save_sharded_checkpoint_start")
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(path / STATE, jax.tree_util.tree_unflatten(treedef, values), force=True)
-        checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
+    with _draining_event_loops():
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            checkpointer.save(
+                path / STATE, jax.tree_util.tree_unflatten(treedef, values), force=True
+            )
+            checkpointer.wait_until_finished()
+        finally:
+            checkpointer.close()
     if jax.process_index() == 0:
         header = {
             "format": FORMAT,
@@ -179,17 +185,18 @@ def restore_sharded_checkpoint(path: str | os.PathLike[str], target: Any) -> Any
         _abstract(name, leaf, saved[name][1])
         for name, (_, leaf) in zip(names, target_leaves, strict=True)
     ]
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        abstract_tree = jax.tree_util.tree_unflatten(treedef, abstract)
-        restored = checkpointer.restore(path / STATE, abstract_tree)
-    except Exception as e:
-        raise CheckpointError(
-            f"restore_sharded_checkpoint: the data in {path / STATE} cannot be read; it is "
-            f"truncated or corrupted ({type(e).__name__}: {str(e)[:500]})."
-        ) from e
-    finally:
-        checkpointer.close()
+    with _draining_event_loops():
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            abstract_tree = jax.tree_util.tree_unflatten(treedef, abstract)
+            restored = checkpointer.restore(path / STATE, abstract_tree)
+        except Exception as e:
+            raise CheckpointError(
+                f"restore_sharded_checkpoint: the data in {path / STATE} cannot be read; it "
+                f"is truncated or corrupted ({type(e).__name__}: {str(e)[:500]})."
+            ) from e
+        finally:
+            checkpointer.close()
     values = jax.tree.leaves(restored)
     if len(values) != len(names):  # pragma: no cover - Orbax checked the structure
         raise CheckpointError(f"restore_sharded_checkpoint: {path}: leaves went missing.")
@@ -280,6 +287,68 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"this bnjax reads version {VERSION}."
         )
     return header
+
+
+# --- nothing a save or restore starts outlives it ----------------------------------------
+# Orbax runs each save and restore in an event loop of its own, which it closes when
+# the call returns. A read that fails (truncated or corrupted data) ends the call at
+# the first error while the reads of the other arrays are still in flight in
+# TensorStore: their tasks stay pending on the closed loop, their completions call
+# back into it ("RuntimeError: Event loop is closed", reported as unraisable), their
+# errors are never retrieved, and files of the failed call were still being read
+# when the caller went on (e.g. repaired them and restored again). Every loop Orbax
+# creates during our calls therefore lets its pending tasks finish before it closes.
+
+_DRAIN_TIMEOUT_S = 60.0
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets the tasks still pending finish."""
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            deadline = self.time() + _DRAIN_TIMEOUT_S
+            seen: set[asyncio.Task[Any]] = set()
+            # Pending tasks may start others while they finish: until none is left.
+            while pending := [t for t in asyncio.all_tasks(self) if not t.done()]:
+                seen.update(pending)
+                left = deadline - self.time()
+                if left <= 0:
+                    for t in pending:
+                        t.cancel()
+                    self.run_until_complete(asyncio.wait(pending, timeout=1.0))
+                    break
+                self.run_until_complete(asyncio.wait(pending, timeout=left))
+            for t in seen:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: the failure was already raised
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops() -> Iterator[None]:
+    """New event loops drain their pending tasks on close, for the duration of a call.
+
+    Only when the default policy is in place (a custom one, e.g. uvloop's, is left
+    alone) and where asyncio still has policies (they are deprecated in 3.14).
+    """
+    if sys.version_info >= (3, 14):  # pragma: no cover - policies deprecated
+        yield
+        return
+    previous = asyncio.get_event_loop_policy()
+    if type(previous) is not asyncio.DefaultEventLoopPolicy:
+        yield
+        return
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def _barrier(name: str) -> None:

@@ -180,6 +180,7 @@ def apply(
       virtual_batch_size: the size V of the ghost batches: axis 0 is cut into
         sub-batches of V rows, each normalized with its own statistics; the running
         statistics get the mean of the ghosts' moments (docs/accumulation.md). Static.
+        Ignored in evaluation with running statistics, which takes any batch size.
 
     Returns:
       `(y, new_batch_stats)`: `y` has `x`'s shape and dtype; `new_batch_stats` has
@@ -274,8 +275,11 @@ def normalize(
     check_keys("batch_stats", batch_stats, STAT_KEYS + _renorm_keys(renorm, batch_stats))
     x = check_x(x, allow_1d=axis_name is not None)
     axes = normalize_axes(axis, x.shape)
+    use_batch_stats = train or not batch_stats
+    # Ghost batches shape batch statistics only: evaluation with running statistics
+    # takes any batch size (as Keras does); the value itself is checked either way.
     virtual_batch_size = _ghost.check_virtual_batch_size(
-        virtual_batch_size, x.shape, axes, "bnjax.apply"
+        virtual_batch_size, x.shape if use_batch_stats else None, axes, "bnjax.apply"
     )
     features = feature_shape_of(x.shape, axes)
     _check_tree_shapes(params, batch_stats, features, x.shape, axes)
@@ -284,7 +288,6 @@ def normalize(
     if mask is not None:
         mask = check_mask(mask, x.shape, axes)
 
-    use_batch_stats = train or not batch_stats
     if renorm is not None and train and not batch_stats:
         raise ValueError(
             "bnjax.apply: `renorm=` corrects the batch statistics towards the moving ones, "

@@ -92,7 +92,8 @@ def batch_norm(
       renorm: a `bnjax.Renorm` for Batch Renormalization (`init` then creates its
         statistics), or None.
       virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
-        many rows, each normalized with its own statistics), or None.
+        many rows, each normalized with its own statistics), or None. Training
+        only: evaluation with running statistics takes any batch size.
 
     Returns:
       A `BatchNormLayer` of pure functions and its `BatchNormConfig`.

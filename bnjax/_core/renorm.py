@@ -49,6 +49,10 @@ class Renorm(NamedTuple):
     `rmax` from 1 to 3 as the paper does). `None` leaves that side unclipped
     (Keras's behaviour for a key missing from `renorm_clipping`).
 
+    The defaults are the paper's final bounds (rmax 3, dmax 5, rmin 1/3). Keras's
+    `BatchNormalization(renorm=True)` clips nothing unless `renorm_clipping` says so:
+    `Renorm.keras(...)` gives Keras's behaviour exactly.
+
     Attributes:
       rmax: upper bound of `r`, >= 1 (the paper ramps it from 1 to 3).
       dmax: bound of `|d|`, >= 0 (the paper ramps it from 0 to 5).
@@ -72,6 +76,56 @@ class Renorm(NamedTuple):
     dmax: Bound = 5.0
     momentum: float = 0.01
     rmin: Bound = None
+
+    @classmethod
+    def keras(
+        cls, renorm_clipping: Mapping[str, Any] | None = None, renorm_momentum: float = 0.99
+    ) -> Renorm:
+        """Keras's `BatchNormalization(renorm=True, ...)`, exactly: no clipping by default.
+
+        Keras clips only what `renorm_clipping` names: a missing `rmax`, `rmin` or
+        `dmax` leaves that side unclipped (a missing `rmin` is 0, not `1 / rmax` as in
+        `Renorm()`, which clips at the paper's 3 and 5). `renorm_momentum` is Keras's
+        (the weight of the old value); bnjax's momentum is `1 - renorm_momentum`.
+        The layer's own settings convert the same way: Keras's defaults
+        `momentum=0.99, epsilon=1e-3` are bnjax's `momentum=0.01, eps=1e-3`
+        (docs/accumulation.md, "Keras's conventions").
+
+        Args:
+          renorm_clipping: Keras's dict with any of the keys `rmax`, `rmin`, `dmax`,
+            or None (Keras's default: no clipping).
+          renorm_momentum: Keras's renorm momentum, in [0, 1] (default 0.99).
+
+        Returns:
+          The `Renorm` that computes what Keras computes.
+
+        Raises:
+          ValueError: a key other than `rmax`, `rmin`, `dmax`, or a momentum outside
+            [0, 1].
+
+        Example:
+          >>> bnjax.Renorm.keras()
+          Renorm(rmax=None, dmax=None, momentum=0.01, rmin=None)
+          >>> bnjax.Renorm.keras({"rmax": 3.0, "dmax": 5.0})
+          Renorm(rmax=3.0, dmax=5.0, momentum=0.01, rmin=0.0)
+        """
+        clip = dict(renorm_clipping or {})
+        unknown = sorted(set(clip) - {"rmax", "rmin", "dmax"})
+        if unknown:
+            raise ValueError(
+                f"bnjax.Renorm.keras: renorm_clipping takes the keys 'rmax', 'rmin' and "
+                f"'dmax' (Keras's), got {unknown}."
+            )
+        m = renorm_momentum
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0 <= m <= 1:
+            raise ValueError(
+                "bnjax.Renorm.keras: renorm_momentum is Keras's (the weight of the old "
+                f"value), a number in [0, 1]; got {m!r}."
+            )
+        rmax = clip.get("rmax")
+        # Keras: a missing rmin is no lower bound; bnjax's None would mean 1 / rmax.
+        rmin = clip.get("rmin", 0.0 if rmax is not None else None)
+        return cls(rmax=rmax, dmax=clip.get("dmax"), momentum=round(1 - m, 12), rmin=rmin)
 
 
 def check_renorm(renorm: Any, who: str = "bnjax.apply") -> Renorm | None:

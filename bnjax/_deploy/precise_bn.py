@@ -26,6 +26,7 @@ statistics (`_model/tree.py`).
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,6 +57,7 @@ def update_bn(
     progress: bool = True,
     check_momentum: bool = True,
     inputs: Callable[[Any], tuple[Any, ...]] | None = None,
+    skip_nonfinite: bool = False,
     **call_kwargs: Any,
 ) -> Any:
     """Deprecated: `precise_bn(..., pooled=False)` gives these numbers on every kind of model.
@@ -94,6 +96,10 @@ def update_bn(
         `momentum=None`).
       inputs: linen and nnx: `inputs(batch) -> tuple` of the model's positional
         arguments (default: the batch is the one argument).
+      skip_nonfinite: leave out a batch whose BatchNorm moments (functional: new
+        statistics) are not finite, and say how many were left out in a
+        `RuntimeWarning`; `num_batches_tracked` counts the batches used. Default:
+        such a batch raises (it is never averaged in).
       **call_kwargs: linen and nnx: keyword arguments of the model's call.
 
     Returns:
@@ -103,7 +109,9 @@ def update_bn(
     Raises:
       ValueError: no batch; no BatchNorm statistics; a BatchNorm that ran in eval
         mode or reported nothing (e.g. `nn.scan` without `bnjax.linen.REPORTS` in
-        `variable_axes`); (functional) a structure change or a fixed momentum.
+        `variable_axes`); (functional) a structure change or a fixed momentum; a
+        batch with non-finite moments (without `skip_nonfinite`), or no finite
+        batch at all.
 
     Example:
       >>> def apply_fn(params, stats, x):
@@ -124,25 +132,39 @@ def update_bn(
     )
     _check_num_batches(num_batches)
     kind = model_kind(model, "update_bn")
+    _check_skip(skip_nonfinite)
     if kind != "functional":
         return _recompute(
-            "update_bn", kind, model, args, False, num_batches, progress, inputs, call_kwargs
+            "update_bn",
+            kind,
+            model,
+            args,
+            False,
+            num_batches,
+            progress,
+            inputs,
+            call_kwargs,
+            skip_nonfinite,
         )
     apply_fn = model
     params, batch_stats, batches = _unpack_functional("update_bn", args, call_kwargs)
     fresh = _reset(batch_stats, var=1.0)
     step = jax.jit(apply_fn)
     stats = fresh
-    seen = 0
-    for batch in _bounded(batches, num_batches, progress, "update_bn"):
-        if seen == 0 and check_momentum:
-            _check_cumulative(step, params, batch, fresh)
+    seen, skipped = 0, []
+    for i, batch in enumerate(_bounded(batches, num_batches, progress, "update_bn")):
         new_stats = step(params, stats, batch)
         _check_same_structure(stats, new_stats, "update_bn")
+        bad = _nonfinite_stats(new_stats)
+        if bad:
+            _nonfinite_batch("update_bn", i, bad, skip_nonfinite)
+            skipped.append(i)
+            continue
+        if seen == 0 and check_momentum:
+            _check_cumulative(step, params, batch, fresh)
         stats = new_stats
         seen += 1
-    if seen == 0:
-        raise ValueError("update_bn: `batches` yielded no batch.")
+    _check_seen("update_bn", seen, skipped)
     return stats
 
 
@@ -153,6 +175,7 @@ def precise_bn(
     num_batches: int | None = None,
     progress: bool = True,
     inputs: Callable[[Any], tuple[Any, ...]] | None = None,
+    skip_nonfinite: bool = False,
     **call_kwargs: Any,
 ) -> Any:
     """Recomputes every BatchNorm's running statistics exactly, pooled over all elements.
@@ -193,6 +216,10 @@ def precise_bn(
       progress: show a `tqdm` progress bar (when tqdm is installed).
       inputs: `inputs(batch) -> tuple` of the model's positional arguments after
         the variables (default: the batch is the one argument).
+      skip_nonfinite: leave out a batch whose moments are not finite at some
+        BatchNorm (every BatchNorm leaves it out), and say how many were left out
+        in a `RuntimeWarning`; `num_batches_tracked` counts the batches used.
+        Default: such a batch raises (it is never averaged in).
       **call_kwargs: linen and nnx: keyword arguments of the model's call (linen
         default: `train=True`).
 
@@ -203,7 +230,9 @@ def precise_bn(
     Raises:
       ValueError: no batch; a BatchNorm ran in eval mode; a BatchNorm of the model
         reported nothing (functional: was never run through `bn`), or a report at a
-        place that holds no statistics; a BatchNorm saw fewer than 2 values in all.
+        place that holds no statistics; a BatchNorm saw fewer than 2 values in all;
+        a batch with non-finite moments (without `skip_nonfinite`), or no finite
+        batch at all.
 
     Example:
       >>> def apply_fn(params, stats, x, bn):
@@ -216,16 +245,28 @@ def precise_bn(
       Array([5.], dtype=float32)
     """
     _check_num_batches(num_batches)
+    _check_skip(skip_nonfinite)
     kind = model_kind(model, "precise_bn")
     return _recompute(
-        "precise_bn", kind, model, args, pooled, num_batches, progress, inputs, call_kwargs
+        "precise_bn",
+        kind,
+        model,
+        args,
+        pooled,
+        num_batches,
+        progress,
+        inputs,
+        call_kwargs,
+        skip_nonfinite,
     )
 
 
 # --- one recomputation for every kind of model.
 
 
-def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, call_kwargs):
+def _recompute(
+    who, kind, model, args, pooled, num_batches, progress, inputs, call_kwargs, skip_nonfinite
+):
     if kind == "functional":
         params, batch_stats, batches = _unpack_functional(who, args, call_kwargs)
         to_args = inputs or (lambda batch: (batch,))
@@ -254,8 +295,9 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
     if not targets:
         raise ValueError(_no_stats_message(who, batch_stats))
     acc: dict[KeyPath, _Accumulator] = {}
-    seen = 0
-    for batch in _bounded(batches, num_batches, progress, who):
+    seen, skipped = 0, []
+    for i, batch in enumerate(_bounded(batches, num_batches, progress, who)):
+        used = {}
         for path, report in reports_at(step(batch)).items():
             if not report.trained:
                 raise ValueError(
@@ -273,11 +315,22 @@ def _recompute(who, kind, model, args, pooled, num_batches, progress, inputs, ca
                         "its own place."
                     )
                 continue
+            used[path] = report
+        # A batch counts for every BatchNorm or for none (it is the batch that is bad).
+        bad = [
+            name(p)
+            for p, r in used.items()
+            if not (np.all(np.isfinite(r.mean)) and np.all(np.isfinite(r.var)))
+        ]
+        if bad:
+            _nonfinite_batch(who, i, bad, skip_nonfinite)
+            skipped.append(i)
+            continue
+        for path, report in used.items():
             feature_ndim = np.ndim(targets[path]["running_mean"])
             acc.setdefault(path, _Accumulator()).add(report, feature_ndim)
         seen += 1
-    if seen == 0:
-        raise ValueError(f"{who}: `batches` yielded no batch.")
+    _check_seen(who, seen, skipped)
     missing = [p for p in targets if p not in acc]
     if missing:
         raise ValueError(missing_reports_message(who, missing, kind))
@@ -412,6 +465,57 @@ class _Accumulator:
             return np.asarray(self.mean), np.broadcast_to(var, shape)
         mean = np.asarray(self.sum_mean) / self.batches
         return mean, np.broadcast_to(np.asarray(self.sum_uvar) / self.batches, np.shape(mean))
+
+
+# --- non-finite batches: raised, or skipped and counted.
+
+
+def _check_skip(skip_nonfinite: Any) -> None:
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
+
+
+def _nonfinite_stats(tree: Any) -> list[str]:
+    """The BatchNorm statistics entries of `tree` holding a value that is not finite."""
+    return [
+        name(path)
+        for path, node in stats_at(tree).items()
+        if not all(
+            np.all(np.isfinite(np.asarray(v)))
+            for k, v in node.items()
+            if k != "num_batches_tracked"
+        )
+    ]
+
+
+def _nonfinite_batch(who: str, index: int, where: list[str], skip: bool) -> None:
+    if skip:
+        return
+    raise ValueError(
+        f"{who}: batch {index} gave BatchNorm moments that are not finite (NaN or inf) "
+        f"at {', '.join(where)}; they would poison the recomputed statistics. Fix the "
+        "data, or pass skip_nonfinite=True to leave such batches out (a warning says how "
+        "many)."
+    )
+
+
+def _check_seen(who: str, seen: int, skipped: list[int]) -> None:
+    if seen == 0 and not skipped:
+        raise ValueError(f"{who}: `batches` yielded no batch.")
+    if seen == 0:
+        raise ValueError(
+            f"{who}: every batch ({len(skipped)}) gave non-finite BatchNorm moments; "
+            "there is nothing to recompute the statistics from."
+        )
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(
+            f"{who}: skipped {len(skipped)} of {seen + len(skipped)} batches whose BatchNorm "
+            f"moments were not finite (batches {shown}); the statistics come from the "
+            f"other {seen}, and num_batches_tracked counts those.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 # --- helpers of the functional update_bn.

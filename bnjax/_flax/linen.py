@@ -81,7 +81,8 @@ class BatchNorm(nn.Module):
       renorm: a `bnjax.Renorm` for Batch Renormalization (its statistics
         `renorm_mean`, `renorm_std` live in `batch_stats` too), or None.
       virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
-        many rows, each normalized with its own statistics), or None.
+        many rows, each normalized with its own statistics), or None. Training
+        only: evaluation with running statistics takes any batch size.
 
     Example:
       >>> bn = bnjax.linen.BatchNorm()

@@ -88,7 +88,8 @@ class BatchNorm(nnx.Module):
       renorm: a `bnjax.Renorm` for Batch Renormalization (adds the `nnx.BatchStat`s
         `renorm_mean`, `renorm_std`), or None.
       virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
-        many rows, each normalized with its own statistics), or None.
+        many rows, each normalized with its own statistics), or None. Training
+        only: evaluation with running statistics takes any batch size.
 
     Raises:
       ValueError: bad `num_features`, `momentum` or `epsilon`; a custom initializer

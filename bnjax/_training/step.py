@@ -42,6 +42,7 @@ __all__ = [
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, tuple[PyTree, ...]]]
+AxisName = Any  # a named axis (`shard_map`, `pmap`, `vmap`) or a tuple of them
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -51,6 +52,9 @@ class StepMetrics(NamedTuple):
 
     loss: jax.Array  # (k,): each micro-batch's loss, in order
     aux: PyTree  # loss_fn's aux, each leaf with a leading axis k
+    # () bool: the step changed nothing because a loss or a gradient was not finite
+    # (`skip_nonfinite=True`); always False without the guard.
+    skipped: jax.Array | bool = False
 
 
 def split_micro_batches(batch: PyTree, accum_steps: int) -> PyTree:
@@ -99,6 +103,8 @@ def make_train_step(
     grad_reduction: Literal["mean", "sum"] = "mean",
     stats_policy: Literal["micro", "corrected", "full"] | StatsPolicy = "micro",
     unroll: int | bool = 1,
+    skip_nonfinite: bool = False,
+    axis_name: AxisName | None = None,
 ) -> Callable[[PyTree, PyTree, PyTree, PyTree], tuple[PyTree, PyTree, PyTree, StepMetrics]]:
     r"""Builds a pure training step that accumulates k micro-batches under one `lax.scan`.
 
@@ -163,6 +169,17 @@ def make_train_step(
         on XLA:CPU with convolutions, whose kernel gradients run far slower inside a
         loop body there (jax-ml/jax#12868): `unroll=True` copies the body k times,
         which is fast on CPU but compiles longer.
+      skip_nonfinite: make the step transactional: when any micro-batch's loss or
+        any reduced gradient is not finite (NaN or inf), return `params`,
+        `batch_stats` and `opt_state` bit-identical to the inputs and set
+        `metrics.skipped`. The decision is one `lax.cond` on a traced flag (no
+        Python branch, one compiled program). Default off: a NaN should be loud
+        unless asked otherwise (docs/accumulation.md, "Steps that go wrong").
+      axis_name: with `skip_nonfinite`, the named axis (or tuple of axes) the
+        step runs under in per-device code (`shard_map`, `pmap`, `vmap`): the
+        finite flag is reduced over it so that every replica makes the same
+        decision. Not needed under `jit` with sharded arrays (the flag is then
+        computed from global values), nor with one device.
 
     Returns:
       `step(params, batch_stats, opt_state, batch, *loss_args) -> (params,
@@ -172,15 +189,16 @@ def make_train_step(
       from step to step without recompiling, e.g. a Batch Renormalization
       `rmax`/`dmax` ramp (`bnjax.Renorm(rmax=rmax_t, ...)` inside `loss_fn`).
       Every leaf of `batch` has a leading axis of size k (use `split_micro_batches` on a flat
-      batch of k*B). `metrics` is a `StepMetrics` of the k losses and auxes.
+      batch of k*B). `metrics` is a `StepMetrics` of the k losses and auxes, and
+      whether the step was skipped.
 
     Raises:
-      ValueError: bad `accum_steps`, `grad_reduction` or `stats_policy` (when
-        called); when tracing the step, a batch whose leading axes are not k, a
-        `loss_fn` whose statistics change structure, shape or dtype, and (for
-        `"corrected"`/`"full"`) a `loss_fn` that returns no report for a
-        BatchNorm, a layer updated twice per micro-batch, and `"corrected"` with
-        `momentum=None`.
+      ValueError: bad `accum_steps`, `grad_reduction` or `stats_policy`, or an
+        `axis_name` without `skip_nonfinite` (when called); when tracing the step,
+        a batch whose leading axes are not k, a `loss_fn` whose statistics change
+        structure, shape or dtype, and (for `"corrected"`/`"full"`) a `loss_fn`
+        that returns no report for a BatchNorm, a layer updated twice per
+        micro-batch, and `"corrected"` with `momentum=None`.
 
     Example:
       >>> import jax, optax
@@ -205,6 +223,14 @@ def make_train_step(
             f"bnjax.training: grad_reduction must be one of {_REDUCTIONS}, got {grad_reduction!r}."
         )
     policy = _policies.resolve(stats_policy)
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"bnjax.training: skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
+    if axis_name is not None and not skip_nonfinite:
+        raise ValueError(
+            "bnjax.training: `axis_name` names the axes over which the skip decision of "
+            "`skip_nonfinite=True` is shared; it does nothing without it. Pass "
+            "skip_nonfinite=True, or drop axis_name (BatchNorm layers take their own)."
+        )
     k = accum_steps
     if k == 1:  # one micro-batch: every policy is the plain step
         policy = _policies.micro()
@@ -248,9 +274,33 @@ def make_train_step(
         )
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        return new_params, view.user(new_stats), new_opt_state, StepMetrics(losses, auxes)
+        new = (new_params, view.user(new_stats), new_opt_state)
+        if not skip_nonfinite:
+            return (*new, StepMetrics(losses, auxes, jnp.zeros((), bool)))
+        ok = all_finite((losses, grads), axis_name)
+        # One decision for the whole state: the new trees, or the inputs as they came.
+        kept = lax.cond(ok, lambda: new, lambda: (params, batch_stats, opt_state))
+        return (*kept, StepMetrics(losses, auxes, jnp.logical_not(ok)))
 
     return step
+
+
+def all_finite(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
+    """Whether every floating-point value of `tree` is finite, on every replica.
+
+    A boolean scalar; integer leaves count as finite. Under `axis_name` (a named
+    axis or a tuple of them) it is True only when it holds on every replica.
+    """
+    flags = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    ok = jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+    if axis_name is not None:
+        # pmin of 0/1: one all-reduce of one value, the same answer on every replica.
+        ok = lax.pmin(ok.astype(jnp.int32), axis_name) > 0
+    return ok
 
 
 def _acc_dtype(dtype: Any) -> Any:
