@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import HI, assert_trees_close
+from conftest import HI, assert_leaves_close
 from flax import nnx
 
 import bnjax.linen as bl
@@ -57,7 +57,7 @@ def _check_stem(stats, x, policy):
 
 
 def _close(a, b):
-    assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
+    assert_leaves_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- linen
