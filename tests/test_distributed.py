@@ -45,6 +45,7 @@ CHECKS = [
 ]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_distributed_checks(tmp_path: Path) -> None:
     """All checks, one subprocess (a single test so that pytest-xdist cannot split it)."""
     out = tmp_path / "results.json"
@@ -80,6 +81,7 @@ def test_distributed_checks(tmp_path: Path) -> None:
     doc_figures.check(COMMAND, proc.stdout)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_data_parallel_example_matches_single_device() -> None:
     """`python examples/data_parallel.py` exits 0 (its synchronized runs match the 1-device
     run) and prints the figures docs/scaling.md quotes (section 7)."""

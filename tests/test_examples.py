@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import doc_figures
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -17,12 +18,14 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_train_digits_reaches_95_percent(capsys):
     accuracy = _load("train_digits").main([])
     assert accuracy >= 0.95
     doc_figures.check("python examples/train_digits.py", capsys.readouterr().out)  # README
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_data_parallel_example_on_two_processes():
     """`data_parallel.py --processes 2`: 2 local processes, one JAX runtime, match 1 device."""
     import os
@@ -51,6 +54,7 @@ def test_data_parallel_example_on_two_processes():
     doc_figures.check(command, out)  # docs/scaling.md, section 7
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_port_resnet_matches_pytorch_from_the_committed_fixture(capsys):
     import sys
 

@@ -346,6 +346,7 @@ def run_two_processes(tmp_path: Path) -> dict[str, np.ndarray]:
     return res
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
     res = run_two_processes(tmp_path)
     diffs = compare_all(res)
