@@ -11,7 +11,8 @@ marked region that names the command printing it and the tolerance:
   as percentages (`98%`) in the region, outside backticks, in reading order (table
   rows left to right, top to bottom).
 - The command's output gives the same kind of numbers, in printed order, from the lines
-  that match the optional `lines=` regular expression (all lines without it); a
+  that match the optional `lines=` regular expression (all lines without it; if it has
+  groups, from what they capture); a
   fraction printed as `0.9812` matches a figure written `98%` only when the region
   says `percent`.
 - The two lists must have the same length and agree pairwise within
@@ -21,10 +22,11 @@ marked region that names the command printing it and the tolerance:
 Commands too slow for the suite (benchmark timings) write a results file instead, and
 the page quotes it:
 
-    <!-- figures: quoted from benchmarks/models_results.md -->
+    <!-- figures: quoted from benchmarks/models_batch_sweep.md, benchmarks/models_results.md -->
 
-Every number of such a region appears in that file; every table row's numbers appear
-together on one line of it (so rows cannot be swapped either).
+Every number of such a region appears in one of those files (the run's figures, not
+rounded); with `; rows` after the files, every table row's numbers also appear
+together on one line of them, so rows cannot be swapped either.
 
 `tests/test_doc_figures.py` runs the commands that no other test runs; a test that
 already runs a documented command checks its figures with `check(command, output)`.
@@ -42,12 +44,13 @@ PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 
 _OPEN = re.compile(r"^<!--\s*figures:\s*(.*?)\s*-->\s*$")
 _CLOSE = re.compile(r"^<!--\s*/figures\s*-->\s*$")
-_QUOTED = re.compile(r"^quoted from (\S+)$")
+_QUOTED = re.compile(r"^quoted from ([^;]+?)\s*(;\s*rows)?$")
 # 4.8e-07, 3.7e-5, 1e-4; and 98%, 98.4 %
 _SCI = r"(?<![\w.])\d+(?:\.\d+)?e[-+]?\d+(?![\w.])"
 _PCT = r"(?<![\w.])\d+(?:\.\d+)?(?=\s?%)"
 _CODE = re.compile(r"`[^`]*`")
-_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+# a number, or a ratio written 0.72x
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?=x?(?![\w.]))")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Region:
     atol: float
     lines: str | None
     percent: bool
+    rows: bool  # a quoted region: each table row's numbers on one line of the file
     text: str
 
     @property
@@ -82,10 +86,10 @@ def _parse_marker(spec: str, where: str) -> dict:
     quoted = _QUOTED.match(spec)
     if quoted:
         return {"command": None, "source": quoted.group(1), "rtol": 0.0, "atol": 0.0,
-                "lines": None, "percent": False}  # fmt: skip
+                "lines": None, "percent": False, "rows": bool(quoted.group(2))}  # fmt: skip
     command, *options = (part.strip() for part in spec.split(";"))
     out = {"command": command, "source": None, "rtol": None, "atol": 0.0, "lines": None,
-           "percent": False}  # fmt: skip
+           "percent": False, "rows": False}  # fmt: skip
     for option in options:
         key, _, value = option.partition("=")
         if key in ("rtol", "atol") and value:
@@ -141,11 +145,13 @@ def commands() -> list[str]:
 
 def printed(region: Region, output: str) -> list[float]:
     """The figures a region takes from a command's output."""
-    keep = [
-        line
-        for line in output.splitlines()
-        if region.lines is None or re.search(region.lines, line)
-    ]
+    keep = []
+    for line in output.splitlines():
+        m = re.search(region.lines, line) if region.lines else None
+        if region.lines is None:
+            keep.append(line)
+        elif m:  # with groups in `lines=`, only what they capture
+            keep.append(" ".join(g for g in m.groups() if g) if m.groups() else line)
     found = numbers("\n".join(keep))
     if region.percent:  # a printed fraction (0.9812) is a percentage in the docs
         found = [
@@ -198,23 +204,47 @@ def argv(command: str) -> tuple[dict[str, str], list[str]]:
     return env, words[1:]
 
 
+def _holds(number: str, pool: set[str]) -> bool:
+    """`number` is in `pool`, as written or as a pool number rounded to its decimals."""
+    if number in pool:
+        return True
+    decimals = len(number.partition(".")[2]) if "." in number and "e" not in number else None
+    if decimals is None:
+        return False
+    want = float(number.replace(",", ""))
+    return any(
+        "." in x and "e" not in x and len(x.partition(".")[2]) > decimals
+        and round(float(x.replace(",", "")), decimals) == want
+        for x in pool
+    )  # fmt: skip
+
+
 def quoted_mismatches(region: Region) -> list[str]:
-    """A quoted region's numbers that its results file does not hold (row by row)."""
-    source = ROOT / region.source
-    if not source.exists():
-        return [f"{region.where}: quotes {region.source}, which does not exist"]
-    lines = [set(_NUMBER.findall(_CODE.sub(" ", line))) for line in source.read_text().splitlines()]
+    """A quoted region's numbers that its results files do not hold (with `rows`: a
+    table row's numbers not together on one line of them)."""
+    lines = []
+    for name in region.source.split(","):
+        source = ROOT / name.strip()
+        if not source.exists():
+            return [f"{region.where}: quotes {name.strip()}, which does not exist"]
+        lines += [set(_NUMBER.findall(_CODE.sub(" ", t))) for t in source.read_text().splitlines()]
     every = set().union(*lines)
     bad = []
     for k, line in enumerate(region.text.splitlines()):
         text = _CODE.sub(" ", line)
-        if text.strip().startswith("|") and set(text.replace("|", "").strip()) <= set("-: "):
-            continue  # a table's rule
+        if text.strip().startswith("|"):
+            if set(text.replace("|", "").strip()) <= set("-: "):
+                continue  # a table's rule
+            text = "|".join(text.strip().strip("|").split("|")[1:])  # the label cell aside
         nums = [n for n in _NUMBER.findall(text) if n not in {"0", "1"}]
-        missing = [n for n in nums if n not in every]
+        missing = [n for n in nums if not _holds(n, every)]
         if missing:
             bad.append(f"{region.where}+{k + 1}: {missing} not in {region.source}")
-        elif text.strip().startswith("|") and nums and not any(set(nums) <= s for s in lines):
+        elif (
+            region.rows
+            and line.strip().startswith("|")
+            and not any(all(_holds(n, t) for n in nums) for t in lines)
+        ):
             bad.append(f"{region.where}+{k + 1}: no line of {region.source} has all of {nums}")
     if not region.text.strip():
         bad.append(f"{region.where}: an empty figures region")

@@ -29,7 +29,7 @@ CHECKED_ELSEWHERE = {
     "python tests/test_multiprocess.py": "test_multiprocess.py",
 }
 # Commands run here: cheap ones (a few seconds).
-RUN_HERE: dict[str, int] = {}  # command -> timeout in seconds
+RUN_HERE = {"python scripts/perf_numerics.py": 300}  # command -> timeout in seconds
 
 
 def test_every_region_is_well_formed_and_checked() -> None:
@@ -58,7 +58,7 @@ def test_quoted_figures_equal_the_results_file() -> None:
 
 
 def test_figures_agree_with_a_run() -> None:
-    """The commands no other test runs (none today: every documented command is)."""
+    """The commands no other test runs."""
     for command, timeout in RUN_HERE.items():
         env, args = F.argv(command)
         proc = subprocess.run(
@@ -131,7 +131,9 @@ def test_malformed_markers_are_errors(tmp_path, monkeypatch) -> None:
 def test_a_quoted_row_must_be_one_line_of_the_results_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(F, "ROOT", tmp_path)
     (tmp_path / "results.md").write_text("| a | 0.997 | 1.037 |\n| b | 0.981 | 1.014 |\n")
-    page = "<!-- figures: quoted from results.md -->\n| a | {} | {} |\n<!-- /figures -->\n"
+    page = "<!-- figures: quoted from results.md; rows -->\n| a | {} | {} |\n<!-- /figures -->\n"
     assert F.quoted_mismatches(_region(tmp_path, page.format("0.997", "1.037"))) == []
     assert F.quoted_mismatches(_region(tmp_path, page.format("0.997", "1.014")))  # mixed rows
     assert F.quoted_mismatches(_region(tmp_path, page.format("0.998", "1.037")))  # not there
+    loose = _region(tmp_path, page.replace("; rows", "").format("0.997", "1.014"))
+    assert F.quoted_mismatches(loose) == []  # without `rows`, each number on its own
