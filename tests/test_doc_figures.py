@@ -28,8 +28,11 @@ CHECKED_ELSEWHERE = {
     ),
     "python tests/test_multiprocess.py": "test_multiprocess.py",
 }
-# Commands run here: cheap ones (a few seconds).
-RUN_HERE = {"python scripts/perf_numerics.py": 300}  # command -> timeout in seconds
+# Commands run here: command -> (timeout in seconds, slow: over ~20 s on 2 cores).
+RUN_HERE = {
+    "python scripts/perf_numerics.py": (300, False),
+    "python scripts/measure_deploy.py": (600, True),
+}
 
 
 def test_every_region_is_well_formed_and_checked() -> None:
@@ -57,20 +60,26 @@ def test_quoted_figures_equal_the_results_file() -> None:
     assert not bad, "\n".join(bad)
 
 
-def test_figures_agree_with_a_run() -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(c, marks=[pytest.mark.slow] if slow else [])
+        for c, (_, slow) in RUN_HERE.items()
+    ],
+)
+def test_figures_agree_with_a_run(command: str) -> None:
     """The commands no other test runs."""
-    for command, timeout in RUN_HERE.items():
-        env, args = F.argv(command)
-        proc = subprocess.run(
-            [sys.executable, *args],
-            cwd=F.ROOT,
-            env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        F.check(command, proc.stdout)
+    env, args = F.argv(command)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=F.ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=RUN_HERE[command][0],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    F.check(command, proc.stdout)
 
 
 # The mechanism itself: a swapped row fails, a row within tolerance passes.
