@@ -107,7 +107,15 @@ TORCH_PAGES = [
 ]
 
 
-@pytest.mark.parametrize("page", PAGES, **_IDS)
+# Pages over ~20 s on 2 loaded cores (pytest --durations): marked slow.
+SLOW_PAGES = {"deployment.md", "accumulation.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else []) for p in PAGES],
+    **_IDS,
+)
 def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every block that needs no torch (torch or not)."""
     _run_page(page, tmp_path, monkeypatch, torch=False)

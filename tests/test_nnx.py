@@ -289,6 +289,7 @@ def _loss(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated

@@ -565,6 +565,7 @@ def test_flax_linen_model_with_full_policy():
     assert not np.array_equal(params["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_accumulation_vs_torch_example(capsys):
     """Exits 0: with torch, the largest difference is < 1e-4; without, it says so."""
