@@ -110,11 +110,18 @@ def stats_errors() -> dict[str, tuple[float, float]]:
 def main() -> None:
     arrays = fixture()
     print("fold vs torch fuse_conv_bn_eval: max |kernel, bias diff|, max |logits diff|")
-    for kind, (w, y) in fold_errors(arrays).items():
+    folds = fold_errors(arrays)
+    for kind, (w, y) in folds.items():
         print(f"  {kind:11s} {w:.2g}  {y:.2g}")
     print("precise_bn(pooled=False) vs torch update_bn (max abs), pooled vs float64 (max rel)")
-    for kind, (rel, rel64) in stats_errors().items():
+    stats = stats_errors()
+    for kind, (rel, rel64) in stats.items():
         print(f"  {kind:11s} {rel:.2g}  {rel64:.2g}")
+    # The lines docs/deployment.md quotes (tests/test_doc_figures.py checks them).
+    w, y = (max(v[i] for v in folds.values()) for i in (0, 1))
+    print(f"largest over the {len(folds)} models: fold {w:.2g}, logits {y:.2g}")
+    rel, rel64 = (max(v[i] for v in stats.values()) for i in (0, 1))
+    print(f"largest over the {len(stats)} models: unpooled {rel:.2g}, pooled {rel64:.2g}")
 
 
 if __name__ == "__main__":

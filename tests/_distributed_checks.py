@@ -593,6 +593,14 @@ def shard_map_local_bn_without_axis_name() -> dict[str, float]:
     return diffs
 
 
+def summary(results: dict) -> str:
+    """The largest difference from one device and from the float64 reference, all checks."""
+    diffs = [(k, v) for r in results.values() for k, v in r["max_abs_diff"].items()]
+    device = max((v for k, v in diffs if "vs 1 device" in k), default=0.0)
+    ref = max((v for k, v in diffs if "float64 ref" in k), default=0.0)
+    return f"largest difference: from one device {device:.1e}, from the float64 reference {ref:.1e}"
+
+
 def main(argv: list[str]) -> int:
     json_path = argv[argv.index("--json") + 1] if "--json" in argv else None
     print(f"jax {jax.__version__}, {jax.device_count()} devices: {jax.devices()[0].platform}")
@@ -621,6 +629,7 @@ def main(argv: list[str]) -> int:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     failed = [n for n, r in results.items() if not r["ok"]]
+    print(summary(results))  # docs/scaling.md quotes this line
     print(
         f"{len(results) - len(failed)}/{len(results)} checks passed"
         + (f"; FAILED: {', '.join(failed)}" if failed else "")

@@ -2,7 +2,15 @@
 is on `sys.path` under pytest's default import mode).
 
 Key names and the "is this a BatchNorm's statistics" rule come from the package's
-one home for them, `bnjax._conventions`, re-exported here for the tests.
+one home for them, `bnjax._core.conventions`, re-exported here for the tests.
+
+The helpers do not reuse `bnjax.testing`'s public names, which mean something else:
+`fixture_arrays(name)` is a committed fixture's raw arrays (skipping when the file is
+absent), where `bnjax.testing.load_fixture(path)` reads an `export_fixture` file into a
+`Fixture`; `assert_leaves_close` is a plain leaf-by-leaf `assert_allclose` (positional
+tolerances, 1e-6 by default), where `bnjax.testing.assert_trees_close` compares
+structures too and reports every leaf's worst element. Tests that mean the public
+helpers call them as `testing.load_fixture` / `testing.assert_trees_close`.
 """
 
 from __future__ import annotations
@@ -21,12 +29,12 @@ __all__ = [
     "HI",
     "PARAM_KEYS",
     "STAT_KEYS",
+    "assert_leaves_close",
     "assert_state_dict_close",
-    "assert_trees_close",
     "drifting_batch",
+    "fixture_arrays",
     "fixture_state_dict",
     "is_batch_stats",
-    "load_fixture",
     "to_plain_dict",
 ]
 
@@ -34,7 +42,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HI = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the tolerances are float32's
 
 
-def load_fixture(name: str) -> dict[str, np.ndarray]:
+def fixture_arrays(name: str) -> dict[str, np.ndarray]:
     """A PyTorch fixture's arrays; skips the test when the file is absent."""
     path = FIXTURES / name
     if not path.exists():
@@ -61,7 +69,7 @@ def assert_state_dict_close(actual: dict, expected: dict, rtol: float, atol: flo
             np.testing.assert_allclose(actual[key], expected[key], rtol, atol, err_msg=key)
 
 
-def assert_trees_close(actual, expected, rtol: float = 1e-6, atol: float = 1e-6) -> None:
+def assert_leaves_close(actual, expected, rtol: float = 1e-6, atol: float = 1e-6) -> None:
     """Leaf by leaf `assert_allclose` of two trees of the same structure."""
     jax.tree.map(
         lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol, atol),

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import FIXTURES, HI, load_fixture
+from conftest import FIXTURES, HI, fixture_arrays
 from flax import nnx
 
 import bnjax
@@ -37,7 +37,7 @@ BLOCKS = (("layer1_0", 4, 4, 1), ("layer1_1", 4, 4, 1), ("layer2_0", 4, 8, 2))
 
 
 def fixture() -> dict[str, np.ndarray]:
-    return load_fixture(FIXTURE.name)
+    return fixture_arrays(FIXTURE.name)
 
 
 def x_nhwc(arrays: dict[str, np.ndarray], key: str = "x") -> jax.Array:

@@ -16,9 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import doc_figures
 import pytest
 
 SCRIPT = Path(__file__).with_name("_distributed_checks.py")
+# docs/scaling.md (section 7) quotes what this prints
+COMMAND = "XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_distributed_checks.py"
 
 CHECKS = [
     # 1. axis_name under shard_map, pmap and vmap == one device, full batch
@@ -42,6 +45,7 @@ CHECKS = [
 ]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_distributed_checks(tmp_path: Path) -> None:
     """All checks, one subprocess (a single test so that pytest-xdist cannot split it)."""
     out = tmp_path / "results.json"
@@ -74,17 +78,21 @@ def test_distributed_checks(tmp_path: Path) -> None:
     )
     assert not failed, f"{len(failed)}/{len(CHECKS)} distributed checks failed:\n\n{report}"
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc_figures.check(COMMAND, proc.stdout)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_data_parallel_example_matches_single_device() -> None:
-    """examples/data_parallel.py (1 epoch) exits 0: its runs match the 1-device run."""
-    example = Path(__file__).parents[1] / "examples" / "data_parallel.py"
+    """`python examples/data_parallel.py` exits 0 (its synchronized runs match the 1-device
+    run) and prints the figures docs/scaling.md quotes (section 7)."""
+    root = Path(__file__).parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     proc = subprocess.run(
-        [sys.executable, str(example), "--epochs", "1", "--no-local-bn"],
+        [sys.executable, "examples/data_parallel.py"],
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,
@@ -92,3 +100,4 @@ def test_data_parallel_example_matches_single_device() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "jit + NamedSharding" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
+    doc_figures.check("python examples/data_parallel.py", proc.stdout)

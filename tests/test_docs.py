@@ -10,8 +10,9 @@ The convention (docs/contributing.md says it for authors):
   a shell session) use another fence: ```text, ```bash, ```pycon.
 - The line just above a block (blank lines aside) may be an HTML comment that tells the
   runner about it:
-    <!-- docs-test: requires torch -->   runs only where torch imports (skipped here
-                                          otherwise; .ci/run runs it with torch==2.13.0)
+    <!-- docs-test: requires torch -->   runs in test_page_runs_with_torch, marked `torch`
+                                          (`pytest -m torch`; .ci/run runs it with
+                                          torch==2.13.0), skipped where torch is absent
     <!-- docs-test: skip REASON -->      never runs (say why: e.g. "needs 2 processes").
 - The README's links are absolute URLs (it is also rendered outside the repository).
 """
@@ -55,12 +56,27 @@ def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
 
 
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """`module` imports here (found, and importing it does not fail)."""
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # a broken install counts as absent
+        return False
+    return True
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _needs_torch(mark: str | None) -> bool:
+    return bool(mark) and mark.split()[:2] == ["requires", "torch"]
+
+
+def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch: bool) -> None:
+    """Runs a page's blocks top to bottom. With `torch`, every block up to the last that
+    needs torch (torch present); without, every block but those that need torch."""
     blocks = python_blocks(page.read_text())
+    if torch:
+        last = max(i for i, (_, _, mark) in enumerate(blocks) if _needs_torch(mark))
+        blocks = blocks[: last + 1]
     if not blocks:
         pytest.skip("no python blocks")
     monkeypatch.chdir(tmp_path)
@@ -71,17 +87,58 @@ def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         if mark and mark.startswith("skip"):
             skipped += 1
             continue
-        if mark and mark.startswith("requires"):
-            needed = mark.split()[1]
-            if not _has(needed):
-                skipped += 1
-                continue
+        if _needs_torch(mark) and not torch:
+            skipped += 1  # test_page_runs_with_torch runs it
+            continue
+        if mark and mark.startswith("requires") and not _has(mark.split()[1]):
+            skipped += 1
+            continue
         code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec", dont_inherit=True)
         exec(code, namespace)  # noqa: S102 - running the docs is the point
         ran += 1
     assert ran or skipped, f"{page}: nothing ran"
     if not ran:
         pytest.skip(f"all {skipped} blocks need something absent here")
+
+
+_IDS = {"ids": lambda p: str(p.relative_to(ROOT))}
+TORCH_PAGES = [
+    p for p in PAGES if any(_needs_torch(mark) for _, _, mark in python_blocks(p.read_text()))
+]
+
+
+# Pages over ~20 s on 2 loaded cores (pytest --durations): marked slow.
+SLOW_PAGES = {"deployment.md", "accumulation.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else []) for p in PAGES],
+    **_IDS,
+)
+def test_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block that needs no torch (torch or not)."""
+    _run_page(page, tmp_path, monkeypatch, torch=False)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("page", TORCH_PAGES, **_IDS)
+def test_page_runs_with_torch(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks marked `requires torch`, with the page's blocks before them: collected by
+    `pytest -m torch` (`.ci/run` installs torch==2.13.0 for it), skipped without torch."""
+    if not _has("torch"):
+        pytest.skip("needs torch (pip install torch==2.13.0)")
+    _run_page(page, tmp_path, monkeypatch, torch=True)
+
+
+def test_torch_blocks_are_collected_under_the_torch_marker() -> None:
+    """Every page with a `requires torch` block is a case of the torch-marked test (the one
+    `pytest -m torch` collects), so CI's torch stage runs every torch block."""
+    marked = {
+        p for p in PAGES if "<!-- docs-test: requires torch -->" in p.read_text().splitlines()
+    }
+    assert marked == set(TORCH_PAGES)
+    assert "torch" in {m.name for m in test_page_runs_with_torch.pytestmark}
 
 
 def test_markers_are_known() -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import STAT_KEYS, assert_trees_close
+from conftest import STAT_KEYS, assert_leaves_close
 
 import bnjax
 import bnjax.linen as bl
@@ -24,7 +24,7 @@ from bnjax import flax_interop as fi
 KEY = jax.random.key(0)
 
 
-_close = assert_trees_close
+_close = assert_leaves_close
 
 
 def test_core_package_does_not_import_flax():

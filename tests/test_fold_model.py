@@ -101,6 +101,7 @@ def test_linen_folded_variables_without_the_folded_apply_fail_loudly():
         folded.apply(folded.variables, x, train=True)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_nnx_resnet_folds_to_torch_fuse_conv_bn_eval():
     model = nnx_resnet(ARRAYS)
     before = jax.tree.map(np.array, nnx.state(model))
@@ -234,6 +235,7 @@ def test_fold_finds_nothing_to_fold_and_says_why():
         deploy.fold(BnFirst(), variables, x, train=False)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_resnet_fixture_exporter_reproduces_the_fixture(tmp_path):
     torch = pytest.importorskip("torch", reason="re-running the fixture exporter needs torch")

@@ -138,6 +138,7 @@ class _Net(nn.Module):
         return nn.Dense(3)(x)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_a_whole_linen_model_with_ghost_batches_is_the_model_on_each_sub_batch():
     x = jax.random.normal(jax.random.key(4), (6, 5, 5, 2)) + 0.5
     variables = _Net(None).init(jax.random.key(0), x, train=False)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close, drifting_batch, load_fixture
+from conftest import assert_leaves_close, drifting_batch, fixture_arrays
 from flax.training import train_state
 
 import bnjax
@@ -22,7 +22,7 @@ import bnjax.linen as bl
 KEY = jax.random.key(0)
 
 
-_close = assert_trees_close
+_close = assert_leaves_close
 _batch = drifting_batch
 
 
@@ -469,7 +469,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated
     gradients and parameters after every step, all as PyTorch computed them."""
-    f = load_fixture("c_accumulation.npz")
+    f = fixture_arrays("c_accumulation.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
@@ -503,7 +503,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
 def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     """Scenario d: BN in eval mode (running statistics of a pretrained net): logits
     and the gradients of the convolutions and the classifier, as PyTorch's."""
-    f = load_fixture("d_frozen_bn.npz")
+    f = fixture_arrays("d_frozen_bn.npz")
     model = _SmallNet()
     params, stats = _torch_to_flax(f, "sd_init")
     x = np.transpose(f["x"][:16], (0, 2, 3, 1))

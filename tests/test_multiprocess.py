@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # as a script too: this checkout's bnjax
 
 import _multiprocess_worker as W  # noqa: E402
+import doc_figures  # noqa: E402
 from reference import ref_batchnorm, ref_grads  # noqa: E402
 
 import bnjax  # noqa: E402
@@ -261,6 +262,22 @@ def compare_all(res: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     return diffs
 
 
+def summary(diffs: dict[str, tuple[float, float]]) -> str:
+    """The largest difference per group of checks, with the group's tolerance."""
+    groups = {
+        "vs 1 process": lambda k: "float64" not in k and not k.startswith(("train_", "resume_")),
+        "vs the float64 reference": lambda k: "float64" in k,
+        "make_train_step and resumes, vs 1 process": lambda k: k.startswith(("train_", "resume_")),
+    }
+    lines = []
+    for label, member in groups.items():
+        d, tol = max((v for k, v in diffs.items() if member(k) and v[1] > 0), default=(0.0, 0.0))
+        lines.append(f"largest {label}: {d:.1e} (tolerance {tol:.0e})")
+    exact = [k for k, (d, tol) in diffs.items() if tol == 0]
+    lines.append(f"{len(exact)} checks bit for bit")
+    return "\n".join(lines)
+
+
 def collective_costs(res: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
     """`{"A1": (all-reduce ops, bytes), ...}` of the compiled steps with 1 and 2 BatchNorms."""
     costs = {}
@@ -329,12 +346,15 @@ def run_two_processes(tmp_path: Path) -> dict[str, np.ndarray]:
     return res
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
     res = run_two_processes(tmp_path)
     diffs = compare_all(res)
     bad = {k: v for k, v in diffs.items() if not v[0] <= v[1]}
     report = "\n".join(f"  {k}: {d:.3g} > {t:g}" for k, (d, t) in bad.items())
     assert not bad, f"{len(bad)}/{len(diffs)} multi-process checks failed:\n{report}"
+    # docs/scaling.md (section 7) quotes what `python tests/test_multiprocess.py` prints
+    doc_figures.check("python tests/test_multiprocess.py", summary(diffs))
     costs = collective_costs(res)
     want = {f"{path}{n}": expected_costs(n, path) for path in "AB" for n in (1, 2)}
     assert costs == want, (
@@ -371,5 +391,6 @@ if __name__ == "__main__":
         res = run_two_processes(Path(d))
     for name, (d, tol) in compare_all(res).items():
         print(f"{'ok  ' if d <= tol else 'FAIL'} {d:9.2e} (tol {tol:g})  {name}")
+    print(summary(compare_all(res)))
     for tag, (ops, nbytes) in collective_costs(res).items():
         print(f"path {tag[0]}, {tag[1]} BatchNorm layer(s): {ops} all-reduces, {nbytes} bytes")

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close, drifting_batch, load_fixture
+from conftest import assert_leaves_close, drifting_batch, fixture_arrays
 from flax import nnx
 
 import bnjax
 import bnjax.nnx as bx
 
-_close = assert_trees_close
+_close = assert_leaves_close
 _batch = drifting_batch
 
 
@@ -289,11 +289,12 @@ def _loss(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_small_net_reproduces_pytorch_training_fixture():
     """Scenario c: 3 SGD-momentum steps of 4 accumulated micro-batches of 8, BN in train
     mode: logits and running statistics after every micro-batch, accumulated
     gradients and parameters after every step, as PyTorch computed them."""
-    f = load_fixture("c_accumulation.npz")
+    f = fixture_arrays("c_accumulation.npz")
     model = _SmallNet(nnx.Rngs(0))
     _load_torch_state(model, _torch_arrays(f, "sd_init"))
     x = np.transpose(f["x"], (0, 2, 3, 1))  # NCHW -> NHWC, NumPy (no eager jit per slice)
@@ -337,7 +338,7 @@ def test_small_net_reproduces_pytorch_training_fixture():
 def test_small_net_reproduces_pytorch_frozen_bn_fixture():
     """Scenario d: the BatchNorms in eval() (a pretrained net's running statistics):
     logits and the gradients of the convolutions and the classifier, as PyTorch's."""
-    f = load_fixture("d_frozen_bn.npz")
+    f = fixture_arrays("d_frozen_bn.npz")
     model = _SmallNet(nnx.Rngs(0))
     _load_torch_state(model, _torch_arrays(f, "sd_init"))
     model.bn1.eval()

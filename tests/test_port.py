@@ -475,6 +475,7 @@ def test_count_overflow_is_an_error():
 # --------------------------------------------------------------------------- live torch
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_every_layer_kind_against_torch_modules():
     torch = pytest.importorskip("torch")

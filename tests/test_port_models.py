@@ -76,6 +76,7 @@ def _port(name: str, named: bool):
     return fixture, model, template
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.parametrize("named", [True, False], ids=["torch_names", "auto_names"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_port_reproduces_pytorch(name, named):
@@ -241,6 +242,7 @@ def test_strict_load_state_dict_round_trip(name, named):
                             else "1.num_batches_tracked"].dtype == torch.int64  # fmt: skip
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_resnet_gradients_are_float32_noise():
     """The ResNet tolerances: bnjax's float32 error is of the size of PyTorch's own."""
@@ -269,6 +271,7 @@ def test_resnet_gradients_are_float32_noise():
     assert ours_err < 3 * torch_err
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_port_fixtures_are_reproducible(tmp_path):
     torch = pytest.importorskip("torch")

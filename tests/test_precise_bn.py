@@ -238,6 +238,7 @@ def test_matches_torch_update_bn_fixture():
     assert not np.allclose(pooled["bn1"]["running_var"], after["bn1.running_var"], rtol=1e-3)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_fixture_exporter_reproduces_the_fixture(tmp_path):
     torch = pytest.importorskip("torch", reason="re-running the fixture exporter needs torch")

@@ -177,6 +177,7 @@ def test_schedule_of_the_step_and_value_passed_each_step():
             assert np.abs(np.asarray(y1 - y3)).max() > 1e-3
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_make_train_step_with_a_per_step_ramp_and_a_linen_model():
     import flax.linen as nn
 

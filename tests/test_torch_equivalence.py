@@ -434,6 +434,7 @@ def test_fixture_metadata(name):
     assert all(a.dtype != object for a in arrays.values())
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_fixtures_are_reproducible(tmp_path):
     """Re-running the exporter reproduces every committed array bit for bit.

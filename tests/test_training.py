@@ -18,10 +18,10 @@ import optax
 import pytest
 from conftest import (
     HI,
+    assert_leaves_close,
     assert_state_dict_close,
-    assert_trees_close,
+    fixture_arrays,
     fixture_state_dict,
-    load_fixture,
 )
 from reference import ref_moments
 
@@ -144,7 +144,7 @@ def test_k1_every_policy_is_the_plain_step(policy):
     plain = jax.jit(_plain_step(loss_fn, opt))(params, stats, opt.init(params), (x[0], t[0]))
     got = _run_tiny(policy, k=1)
     # k = 1 runs the body once, without a loop: the same numbers as the plain step.
-    assert_trees_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
+    assert_leaves_close(got[:3], plain[:3], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[3].loss, [plain[3]], rtol=1e-6)
     assert got[3].aux["pred"].shape == (1, B)
 
@@ -163,14 +163,14 @@ def test_gradients_are_the_mean_or_sum_over_micro_batches():
         new_params = _run_tiny("micro", reduction=reduction)[0]
         moved = jax.tree.map(lambda a, b: (a - b) / 0.05, params, new_params)
         expected = jax.tree.map(lambda g, scale=scale: scale * g, mean)
-        assert_trees_close(moved, expected, rtol=1e-4, atol=1e-5)
+        assert_leaves_close(moved, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_policies_change_only_the_statistics():
     micro, full, corrected = (_run_tiny(p) for p in ("micro", "full", "corrected"))
     for other in (full, corrected):
-        assert_trees_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
-        assert_trees_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
+        assert_leaves_close(other[0], micro[0], rtol=1e-6, atol=1e-7)  # params
+        assert_leaves_close(other[3], micro[3], rtol=1e-6, atol=1e-7)  # losses, aux
 
 
 # --------------------------------------------------------------------------- 3. statistics
@@ -317,7 +317,7 @@ def test_statistics_copied_or_cast_inside_loss_fn_are_fine():
 
     step = training.make_train_step(copying_loss, opt, accum_steps=K, stats_policy="full")
     got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
-    assert_trees_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
+    assert_leaves_close(got[1], _run_tiny("full")[1], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_configuration_and_batches_raise_clear_errors():
@@ -402,7 +402,7 @@ def _small_net():
 def test_micro_reproduces_the_pytorch_accumulation_fixture():
     """Scenario c: 4 micro-batches of 8 per SGD-momentum step, (loss / 4).backward()."""
     net = _small_net()
-    fx = load_fixture("c_accumulation.npz")
+    fx = fixture_arrays("c_accumulation.npz")
     params, stats = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = optax.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
@@ -436,7 +436,7 @@ def test_frozen_batchnorm_matches_the_pytorch_fixture(policy, k):
     independent), and the BN weights and statistics stay bit-identical either way.
     """
     net = _small_net()
-    fx = load_fixture("d_frozen_bn.npz")
+    fx = fixture_arrays("d_frozen_bn.npz")
     params0, stats0 = net.from_torch_state_dict(fixture_state_dict(fx, "sd_init"))
     opt = training.freeze_batchnorm(optax.sgd(0.1, momentum=0.9), params0, stats0)
     eval_reports = {name: bnjax.batch_norm().report(None) for name in ("bn1", "bn2")}
@@ -565,6 +565,7 @@ def test_flax_linen_model_with_full_policy():
     assert not np.array_equal(params["Dense_0"]["kernel"], variables["params"]["Dense_0"]["kernel"])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.torch
 def test_accumulation_vs_torch_example(capsys):
     """Exits 0: with torch, the largest difference is < 1e-4; without, it says so."""
@@ -632,4 +633,4 @@ def test_functional_model_under_jax_checkpoint():
     loss_fn = jax.checkpoint(functools.partial(_tiny_loss, m3=None, with_reports=True))
     step = training.make_train_step(loss_fn, opt, accum_steps=K, stats_policy="full")
     got = jax.jit(step)(params, stats, opt.init(params), _tiny_data())
-    assert_trees_close(got[:2], _run_tiny("full")[:2], rtol=1e-6, atol=1e-7)
+    assert_leaves_close(got[:2], _run_tiny("full")[:2], rtol=1e-6, atol=1e-7)

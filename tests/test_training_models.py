@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import HI, assert_trees_close
+from conftest import HI, assert_leaves_close
 from flax import nnx
 
 import bnjax.linen as bl
@@ -57,7 +57,7 @@ def _check_stem(stats, x, policy):
 
 
 def _close(a, b):
-    assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
+    assert_leaves_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- linen
@@ -144,6 +144,7 @@ def _linen_plain(policy):
     return _run(_linen_loss(ResNet()), v["params"], v["batch_stats"], _data(), policy)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.parametrize("policy", ["micro", "corrected", "full"])
 def test_linen_resnet_stem_statistics_follow_the_data(policy):
     params, stats = _linen_plain(policy)
@@ -160,6 +161,7 @@ def _counts(stats):
     return [int(v[...]) for p, v in leaves if "num_batches_tracked" in jax.tree_util.keystr(p)]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.parametrize("mode", ["scan", "remat"])
 def test_linen_scan_and_remat_over_blocks_change_no_number(mode):
     """`nn.scan` over blocks (REPORTS scanned like batch_stats) and `nn.remat`."""
@@ -384,6 +386,7 @@ def test_nnx_resnet_stem_statistics_follow_the_data(policy):
     assert len(counts) == 6 and set(counts) == {1 if policy == "full" else K}, counts
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_nnx_scan_over_blocks_changes_no_number():
     plain_model, scan_model = NResNet(nnx.Rngs(0)), NResNet(nnx.Rngs(0), scan=True)
     # The same weights: copy the unrolled blocks into the stacked ones.
