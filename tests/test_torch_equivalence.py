@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import small_net
+from conftest import fixture_arrays
 
 import bnjax
 from bnjax import interop, testing
@@ -75,8 +77,9 @@ TOL_USED: dict[
 
 @functools.cache
 def _load(name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    fixture = testing.load_fixture(FIXTURES / name)
-    return fixture.meta, fixture.arrays
+    """A grid fixture of scripts/export_torch_fixtures.py (not an `export_fixture` file)."""
+    arrays = fixture_arrays(name)
+    return json.loads(str(arrays.pop("__meta__"))), arrays
 
 
 def _sub(arrays: dict[str, np.ndarray], prefix: str, index: int | None = None) -> dict:
