@@ -12,6 +12,30 @@ from bnjax._core.conventions import PARAM_KEYS
 from bnjax._core.validate import check_train
 
 
+def stats_dtype_of(param_dtype: Any, stats_dtype: Any = None) -> np.dtype:
+    """The running statistics' dtype of a Flax BatchNorm module.
+
+    `stats_dtype` when given; otherwise the wider of `param_dtype` and float32: float64
+    parameters get float64 statistics (a float64 model is float64 end to end), and
+    float32, bfloat16 or float16 parameters keep float32 statistics.
+
+    Args:
+      param_dtype: the module's `param_dtype`.
+      stats_dtype: the module's `stats_dtype` option (None: follow `param_dtype`).
+
+    Returns:
+      A NumPy dtype (canonical: float32 where JAX's float64 is off).
+
+    Example:
+      >>> str(stats_dtype_of(jnp.bfloat16)), str(stats_dtype_of(jnp.float32, jnp.bfloat16))
+      ('float32', 'bfloat16')
+    """
+    dtype = (
+        stats_dtype if stats_dtype is not None else jax.numpy.promote_types(param_dtype, np.float32)
+    )
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def flax_module_config(
     module: Any, *, affine: bool, bias: bool, track_running_stats: bool
 ) -> BatchNormConfig:

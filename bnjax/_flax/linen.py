@@ -26,6 +26,7 @@ from bnjax._flax.glue import (
     flax_module_config,
     param_keys,
     resolve_train,
+    stats_dtype_of,
 )
 
 with needs("bnjax.linen", "flax"):
@@ -75,7 +76,9 @@ class BatchNorm(nn.Module):
         the call passes neither `train` nor `use_running_average`.
       dtype: if set, `x` is cast to it first, and the output has it; otherwise the
         output has `x`'s dtype.
-      param_dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      param_dtype: the dtype of `weight` and `bias`. The running statistics follow it
+        when it is wider than float32 (float64 parameters, float64 statistics);
+        otherwise they are float32 (see `stats_dtype`).
       weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
       bias_init: initializer of `bias` (zeros).
       renorm: a `bnjax.Renorm` for Batch Renormalization (its statistics
@@ -83,6 +86,8 @@ class BatchNorm(nn.Module):
       virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
         many rows, each normalized with its own statistics), or None. Training
         only: evaluation with running statistics takes any batch size.
+      stats_dtype: the dtype of the running statistics; None (default) is the wider
+        of `param_dtype` and float32.
 
     Example:
       >>> bn = bnjax.linen.BatchNorm()
@@ -110,6 +115,7 @@ class BatchNorm(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     renorm: _renorm.Renorm | None = None
     virtual_batch_size: int | None = None
+    stats_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -177,14 +183,14 @@ class BatchNorm(nn.Module):
                     "or use `train=False` for the running statistics."
                 )
 
+            sdtype = stats_dtype_of(self.param_dtype, self.stats_dtype)
+
+            def initial(name: str, shape: tuple[int, ...]) -> Array:
+                value = _core.init(shape, affine=False, renorm=config.renorm is not None)[1][name]
+                return value if name == "num_batches_tracked" else value.astype(sdtype)
+
             def make_stat(name: str, shape: tuple[int, ...]) -> Array:
-                variables[name] = self.variable(
-                    "batch_stats",
-                    name,
-                    lambda: _core.init(shape, affine=False, renorm=config.renorm is not None)[1][
-                        name
-                    ],
-                )
+                variables[name] = self.variable("batch_stats", name, lambda: initial(name, shape))
                 return variables[name].value
 
             stat_keys = STAT_KEYS + (_renorm.RENORM_KEYS if config.renorm is not None else ())

@@ -22,6 +22,7 @@ from bnjax._flax.glue import (
     flax_module_config,
     param_keys,
     resolve_train,
+    stats_dtype_of,
 )
 
 with needs("bnjax.nnx", "flax"):
@@ -81,7 +82,9 @@ class BatchNorm(nnx.Module):
         `model.train()` / `model.eval()` set it on every submodule.
       dtype: if set, `x` is cast to it first, and the output has it; otherwise the
         output has `x`'s dtype.
-      param_dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      param_dtype: the dtype of `weight` and `bias`. The running statistics follow it
+        when it is wider than float32 (float64 parameters, float64 statistics);
+        otherwise they are float32 (see `stats_dtype`).
       weight_init: initializer of `weight`, `(key, shape, dtype) -> Array` (ones).
       bias_init: initializer of `bias` (zeros).
       rngs: `nnx.Rngs`, needed only for initializers that use a key.
@@ -90,6 +93,8 @@ class BatchNorm(nnx.Module):
       virtual_batch_size: the ghost-batch size (axis 0 cut into sub-batches of this
         many rows, each normalized with its own statistics), or None. Training
         only: evaluation with running statistics takes any batch size.
+      stats_dtype: the dtype of the running statistics; None (default) is the wider
+        of `param_dtype` and float32.
 
     Raises:
       ValueError: bad `num_features`, `momentum` or `epsilon`; a custom initializer
@@ -126,6 +131,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
         renorm: _renorm.Renorm | None = None,
         virtual_batch_size: int | None = None,
+        stats_dtype: Any = None,
     ):
         keys = param_keys(affine, use_scale, use_bias, "bnjax.nnx.BatchNorm")
         config = BatchNormConfig(
@@ -142,6 +148,10 @@ class BatchNorm(nnx.Module):
             virtual_batch_size=virtual_batch_size,
         )
         params, batch_stats = layer_from_config(config).init(num_features)
+        sdtype = stats_dtype_of(param_dtype, stats_dtype)
+        batch_stats = {
+            k: v if k == "num_batches_tracked" else v.astype(sdtype) for k, v in batch_stats.items()
+        }
         shape = _core.feature_shape_from_num_features(num_features)
         self.weight: nnx.Param | None = nnx.data(None)
         self.bias: nnx.Param | None = nnx.data(None)
@@ -184,6 +194,7 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.stats_dtype = stats_dtype
         self.renorm = nnx.static(renorm)
         self.virtual_batch_size = virtual_batch_size
 
