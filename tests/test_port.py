@@ -229,7 +229,7 @@ def test_linear_embedding_norms_and_batchnorms():
     assert no_ref["bn.num_batches_tracked"].dtype == np.int64
 
 
-def test_template_dtypes_are_kept_and_reference_dtypes_restored():
+def test_template_dtypes_are_kept_only_when_asked_and_reference_dtypes_restored():
     sd = {"fc.weight": _r(3, 4), "fc.bias": _r(3)}
 
     class M(nn.Module):
@@ -237,8 +237,13 @@ def test_template_dtypes_are_kept_and_reference_dtypes_restored():
         def __call__(self, x):
             return nn.Dense(3, param_dtype=jnp.bfloat16, name="fc")(x)
 
-    variables = interop.from_torch(sd, M().init(jax.random.key(0), jnp.ones((1, 4))))
+    template = M().init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"(?s)^[^\n]*dtype.*\nFix:.*dtype='template'"):
+        interop.from_torch(sd, template)  # float32 -> bfloat16 would round: not silently
+    variables = interop.from_torch(sd, template, dtype="template")
     assert variables["params"]["fc"]["kernel"].dtype == jnp.bfloat16
+    kept = interop.from_torch(sd, template, dtype="source")
+    assert kept["params"]["fc"]["kernel"].dtype == jnp.float32
     np.testing.assert_array_equal(
         variables["params"]["fc"]["kernel"], sd["fc.weight"].T.astype(ml_dtypes.bfloat16)
     )
@@ -543,18 +548,43 @@ class _Stem(nn.Module):
         return Block()(nn.Conv(4, (3, 3), padding=1)(x))
 
 
-def test_sorted_keys_lose_the_call_order_and_the_error_says_so():
+def test_sorted_keys_pair_what_the_shapes_tell_apart():
+    """Conv_0 and Block_0/Conv_0 differ in shape: sorted keys cannot confuse them."""
     sd = {"conv1.weight": _r(4, 3, 3, 3), "conv1.bias": _r(4),
           "block.conv.weight": _r(4, 4, 3, 3), "block.conv.bias": _r(4)}  # fmt: skip
     x = jnp.ones((1, 5, 5, 3))
     init = jax.jit(_Stem().init)  # jit (like eval_shape and tree maps) sorts dict keys
     assert list(init(jax.random.key(0), x)["params"]) == ["Block_0", "Conv_0"]
-    with pytest.raises(ValueError, match=r"(?s)shape mismatches.*sorted keys.*flax_template"):
-        interop.from_torch(sd, init(jax.random.key(0), x))
+    variables = interop.from_torch(sd, init(jax.random.key(0), x))
+    np.testing.assert_array_equal(variables["params"]["Conv_0"]["bias"], sd["conv1.bias"])
     template = interop.flax_template(_Stem(), x)
     assert list(template["params"]) == ["Conv_0", "Block_0"]
     assert isinstance(template["params"]["Conv_0"]["kernel"], jax.ShapeDtypeStruct)
-    variables = interop.from_torch(sd, template)
+    trained = jax.jit(lambda v: v)(interop.from_torch(sd, template))
+    back = interop.to_torch(trained, sd)
+    for key in sd:
+        np.testing.assert_array_equal(back[key], sd[key])
+
+
+class _SameStem(nn.Module):
+    """Conv_0 (4 -> 4) is called before Block_0, whose conv has the same shape."""
+
+    @nn.compact
+    def __call__(self, x):
+        return Block()(nn.Conv(4, (3, 3), padding=1)(x))
+
+
+def test_sorted_keys_of_same_shaped_layers_are_an_error_that_says_so():
+    sd = {"conv1.weight": _r(4, 4, 3, 3), "conv1.bias": _r(4),
+          "block.conv.weight": _r(4, 4, 3, 3), "block.conv.bias": _r(4)}  # fmt: skip
+    x = jnp.ones((1, 5, 5, 4))
+    sorted_template = jax.jit(_SameStem().init)(jax.random.key(0), x)
+    with pytest.raises(ValueError) as info:
+        interop.from_torch(sd, sorted_template)
+    lead = "\n".join(str(info.value).splitlines()[:3])
+    assert "sorted" in lead and "flax_template" in lead and "definition_order" in lead, lead
+    template = interop.flax_template(_SameStem(), x)
+    variables = interop.from_torch(sd, sorted_template, definition_order=template)
     np.testing.assert_array_equal(variables["params"]["Conv_0"]["bias"], sd["conv1.bias"])
     trained = jax.jit(lambda v: v)(variables)  # e.g. after a jitted train step
     with pytest.raises(ValueError, match="definition_order=template"):

@@ -20,6 +20,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from bnjax._core.conventions import STAT_KEYS
+from bnjax._interop import kinds as K
+from bnjax._interop import order as O
 
 Match = Literal["auto", "path", "order"]
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
@@ -42,18 +44,6 @@ _WEIGHT_NAME = MappingProxyType(
         "batchnorm": "weight",
     }
 )
-_KIND_DOC = MappingProxyType(
-    {
-        "dense": "Linear <-> Dense",
-        "conv": "Conv <-> Conv",
-        "conv_transpose": "ConvTranspose <-> ConvTranspose",
-        "embed": "Embedding <-> Embed",
-        "norm": "LayerNorm/GroupNorm <-> LayerNorm/GroupNorm",
-        "batchnorm": "BatchNorm <-> bnjax BatchNorm",
-    }
-)
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -79,7 +69,7 @@ class LayerMatch(NamedTuple):
     torch: str  # torch module path, "layer1.0.downsample.0"
     flax: str  # Flax module path, "layer1/0/downsample/0" or "BasicBlock_0/Conv_2"
     kind: str  # "conv", "conv_transpose", "dense", "embed", "norm" or "batchnorm"
-    by: str  # "path" (default rule or rename) or "order" (definition order, same kind/shape)
+    by: str  # "path" (default rule or rename), "order" (same kind and shapes) or "calls"
 
 
 class Matching(NamedTuple):
@@ -92,10 +82,13 @@ class Matching(NamedTuple):
     pairs: tuple[LayerMatch, ...]  # in the template's definition order
     unmatched_torch: tuple[str, ...]  # torch module paths with no Flax layer
     unmatched_flax: tuple[str, ...]  # Flax module paths with no torch entries
+    problem: str = ""  # why some order pairs cannot be trusted ("" when none)
+    sorted_keys: bool = False  # the Flax variables' keys looked sorted where it mattered
 
     def __str__(self) -> str:
         width = max([len(p.torch) for p in self.pairs] + [5])
-        lines = [f"{'torch':<{width}}  ->  flax  [kind, matched by]"]
+        lines = [f"Ambiguous: {self.problem}."] if self.problem else []
+        lines += [f"{'torch':<{width}}  ->  flax  [kind, matched by]"]
         lines += [f"{p.torch:<{width}}  ->  {p.flax}  [{p.kind}, {p.by}]" for p in self.pairs]
         lines += [f"{t:<{width}}  ->  (no Flax layer)" for t in self.unmatched_torch]
         lines += [f"{'(no torch entries)':<{width}}  ->  {f}" for f in self.unmatched_flax]
@@ -374,30 +367,57 @@ def match(
     flayers: list[FlaxLayer],
     *,
     rename: Rename,
-    mode: str,
+    mode: str | Matching,
 ) -> Matching:
-    """Pairs torch and Flax layers: by path (default rule + rename), then by order."""
+    """Pairs torch and Flax layers: by path (default rule + rename), then by safe order.
+
+    `mode` may be a `Matching` (from `match_calls`): its pairs are used as they are.
+    """
+    if isinstance(mode, Matching):
+        return _given(tlayers, flayers, mode)
     if mode not in ("auto", "path", "order"):
-        raise ValueError(f"bnjax.interop: match must be 'auto', 'path' or 'order', got {mode!r}.")
-    rename_fn = _rename_fn(rename)
+        raise ValueError(
+            f"bnjax.interop: match must be 'auto', 'path', 'order' or a Matching (from "
+            f"`bnjax.interop.match_calls`), got {mode!r}."
+        )
+    to_flax_path = rename_fn(rename)
     pairs: dict[int, tuple[int, str]] = {}  # flax index -> (torch index, by)
     used: set[int] = set()
     if mode in ("auto", "path"):
         by_path = {norm_flax_path(f.path): i for i, f in enumerate(flayers)}
         for ti, t in enumerate(tlayers):
-            fi = by_path.get(norm_flax_path(rename_fn(t.path)))
+            fi = by_path.get(norm_flax_path(to_flax_path(t.path)))
             if fi is not None and fi not in pairs:
                 pairs[fi] = (ti, "path")
                 used.add(ti)
+    problem, sorted_keys = "", False
     if mode in ("auto", "order"):
+        tpaths = [tuple(t.path.split(".")) if t.path else () for t in tlayers]
+        fpaths = [tuple(str(p) for p in f.path) for f in flayers]
+        tkeys = [K.group_key(K.shapes(t.leaves), t.transposed) for t in tlayers]
+        fkeys = [_flax_group_key(f) for f in flayers]
+        new, problem, sorted_keys = O.order_pairs(
+            tpaths,
+            tkeys,
+            fpaths,
+            fkeys,
+            {fi: ti for fi, (ti, _) in pairs.items()},
+            tname=lambda i: tlayers[i].path,
+            fname=lambda i: flax_str(flayers[i].path),
+        )
+        for fi, ti in new.items():
+            pairs[fi] = (ti, "order")
+            used.add(ti)
+        # What is left pairs by leaf names and weight rank only: the conversion then
+        # reports both shapes (an error either way, never a silent load).
         queues: dict[tuple[Any, ...], list[int]] = {}
-        for ti, t in enumerate(tlayers):
+        for ti in O.canonical_order(tpaths):
             if ti not in used:
-                queues.setdefault(_torch_signature(t), []).append(ti)
-        for fi, f in enumerate(flayers):
+                queues.setdefault(_torch_signature(tlayers[ti]), []).append(ti)
+        for fi in O.canonical_order(fpaths):
             if fi in pairs:
                 continue
-            queue = queues.get(_flax_signature(f))
+            queue = queues.get(_flax_signature(flayers[fi]))
             if queue:
                 ti = queue.pop(0)
                 pairs[fi] = (ti, "order")
@@ -406,18 +426,51 @@ def match(
     for fi, f in enumerate(flayers):
         if fi in pairs:
             ti, by = pairs[fi]
-            kind = f.kind
-            if kind == "conv" and tlayers[ti].transposed:
-                kind = "conv_transpose"
-            out.append(LayerMatch(tlayers[ti].path, flax_str(f.path), kind, by))
+            out.append(LayerMatch(tlayers[ti].path, flax_str(f.path), _kind(tlayers[ti], f), by))
     return Matching(
         tuple(out),
         tuple(t.path for ti, t in enumerate(tlayers) if ti not in used),
         tuple(flax_str(f.path) for fi, f in enumerate(flayers) if fi not in pairs),
+        problem,
+        sorted_keys,
     )
 
 
-def _rename_fn(rename: Rename) -> Callable[[str], str]:
+def _kind(t: TorchLayer, f: FlaxLayer) -> str:
+    kind = f.kind
+    if kind == "conv" and t.transposed:
+        kind = "conv_transpose"
+    w = t.leaves.get("weight")
+    return K.conversion_kind(kind, None if w is None else _ndim(w))
+
+
+def _flax_group_key(f: FlaxLayer) -> tuple[Any, ...]:
+    shapes = {n: leaf_shape(leaf_value(v)) for n, (_, v) in f.leaves.items()}
+    return K.group_key(K.flax_as_torch(shapes, f.kind), f.kind == "conv_transpose")
+
+
+def _given(tlayers: list[TorchLayer], flayers: list[FlaxLayer], given: Matching) -> Matching:
+    """A `Matching` from `match_calls`, checked against these layers."""
+    tby = {t.path: t for t in tlayers}
+    fby = {flax_str(f.path): f for f in flayers}
+    bad = [p for p in given.pairs if p.torch not in tby or p.flax not in fby]
+    if bad:
+        raise ValueError(
+            "bnjax.interop: the `match=` pairing names layers these weights do not have: "
+            f"{[(p.torch, p.flax) for p in bad[:10]]}. Fix: compute it with "
+            "`bnjax.interop.match_calls` on the same torch model and Flax model."
+        )
+    ft = {p.flax for p in given.pairs}
+    tt = {p.torch for p in given.pairs}
+    pairs = tuple(p for p in given.pairs)
+    return Matching(
+        pairs,
+        tuple(t.path for t in tlayers if t.path not in tt),
+        tuple(flax_str(f.path) for f in flayers if flax_str(f.path) not in ft),
+    )
+
+
+def rename_fn(rename: Rename) -> Callable[[str], str]:
     """torch module path -> the path to look up on the Flax side (torch's spelling)."""
     if rename is None:
         return lambda p: p
@@ -447,39 +500,20 @@ def _rename_fn(rename: Rename) -> Callable[[str], str]:
 # --------------------------------------------------------------------------- layouts
 
 
-def weight_to_flax(w: np.ndarray, kind: str) -> np.ndarray:
-    """A torch weight in the Flax layout of `kind`."""
-    if kind == "dense":
-        return w.T  # (out, in) -> (in, out)
-    if kind == "conv":
-        return np.transpose(w, (*range(2, w.ndim), 1, 0))  # (O, I/g, *K) -> (*K, I/g, O)
-    if kind == "conv_transpose":
-        # torch (I, O, *K) computes the gradient of a conv; Flax's ConvTranspose
-        # (transpose_kernel=False) convolves the dilated input with its kernel unflipped.
-        k = np.flip(w, axis=tuple(range(2, w.ndim)))
-        return np.transpose(k, (*range(2, w.ndim), 0, 1))  # -> (*K, I, O)
-    return w
+weight_to_flax = K.weight_to_flax
+weight_to_torch = K.weight_to_torch
 
 
-def weight_to_torch(k: np.ndarray, kind: str) -> np.ndarray:
-    """A Flax kernel/scale/embedding in torch's layout (the inverse of `weight_to_flax`)."""
-    n = k.ndim
-    if kind == "dense":
-        return k.T
-    if kind == "conv":
-        return np.transpose(k, (n - 1, n - 2, *range(n - 2)))
-    if kind == "conv_transpose":
-        w = np.transpose(k, (n - 2, n - 1, *range(n - 2)))
-        return np.flip(w, axis=tuple(range(2, n)))
-    return k
+def _weight_name(kind: str) -> str:
+    return _WEIGHT_NAME[{"conv1x1_dense": "dense", "dense_conv1x1": "conv"}.get(kind, kind)]
 
 
 def flax_leaf_name(torch_leaf: str, kind: str) -> str:
-    return _WEIGHT_NAME[kind] if torch_leaf == "weight" else torch_leaf
+    return _weight_name(kind) if torch_leaf == "weight" else torch_leaf
 
 
 def torch_leaf_name(flax_leaf: str, kind: str) -> str:
-    return "weight" if flax_leaf == _WEIGHT_NAME[kind] else flax_leaf
+    return "weight" if flax_leaf == _weight_name(kind) else flax_leaf
 
 
 def auto_named(path: Sequence[str]) -> list[str]:
@@ -499,4 +533,4 @@ def check_count(arr: np.ndarray, key: str, dtype: Any) -> np.ndarray:
 
 
 def kind_doc(kind: str) -> str:
-    return _KIND_DOC[kind]
+    return K.KIND_DOC[kind]

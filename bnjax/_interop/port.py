@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,19 +11,19 @@ import numpy as np
 from bnjax._interop import pairing as L
 from bnjax._interop.pairing import Match, Matching, Rename
 
-_FIX = (
-    "Fix: name the Flax submodules after torch's modules (the default rule: "
-    "`layer1.0.conv1` <-> `layer1/0/conv1`, `layers_N`/`layers/N` <-> `N`), pass "
-    "`rename={torch_path: flax_path}`, or check the layer sizes; "
-    "`print(bnjax.interop.match_layers(state_dict, variables))` shows what was paired."
-)
+DtypeRule = Literal["template", "source"] | None
 
+_MAX_LISTED = 20  # problems listed in an error before "and N more"
+_MAX_PAIRS = 8  # pairs shown in an error (`match_layers` prints all)
+
+_CALLS_FIX = (
+    "pair by what the models compute: `matching = bnjax.interop.match_calls(torch_model, "
+    "(x,), flax_model, (x_flax,), train=False)`, then `match=matching`"
+)
 _SORTED = (
-    "Note: these variables have sorted keys (`jax.jit`, `jax.eval_shape` and `jax.tree.map` "
-    "sort dict keys), which loses the call order that pairs Flax's automatic names "
-    "(`Conv_0`, `BasicBlock_3`) with torch's modules. Build the template with "
-    "`bnjax.interop.flax_template(model, *inputs)`, or pass `model.init(...)`'s output as it "
-    "comes; for trained variables, `to_torch(..., definition_order=template)`."
+    "These variables have sorted keys (`jax.jit`, `jax.eval_shape` and `jax.tree.map` sort "
+    "dict keys): build the template with `bnjax.interop.flax_template(model, x)` (or pass "
+    "`model.init`'s output as it comes), or pass `definition_order=template`."
 )
 
 
@@ -65,6 +65,46 @@ def flax_template(model: Any, *args: Any, rng: Any = None, **kwargs: Any) -> Any
     key = jax.random.key(0) if rng is None else rng
     abstract = jax.eval_shape(init, key, *args)
     return _reorder(abstract, orders[0])
+
+
+def astype(variables: Any, dtype: Any) -> Any:
+    """`variables` with every floating-point leaf in `dtype`, keeping the dicts' order.
+
+    For a float64 (or bfloat16) port from a float32 template: `jax.tree.map` would
+    sort the dicts' keys (losing the call order that pairs Flax's automatic names);
+    this keeps them. Integer leaves (`num_batches_tracked`) and containers (linen
+    dicts, `nnx.State`, nnx Variables, tuples) are kept. float64 needs
+    `jax.config.update("jax_enable_x64", True)` (or `with jax.enable_x64(True):`).
+
+    Args:
+      variables: linen variables (arrays or `jax.ShapeDtypeStruct`s, e.g.
+        `flax_template`'s output), an `nnx.State`, or a tuple of them.
+      dtype: the floating-point dtype, e.g. `jnp.float64`.
+
+    Returns:
+      The same structure, in the same order, floating leaves in `dtype`.
+
+    Example:
+      >>> t = {"params": {"b": {"kernel": jnp.ones((2, 2))}, "a": {"bias": jnp.ones(2)}}}
+      >>> w = astype(t, jnp.bfloat16)
+      >>> list(w["params"]), w["params"]["b"]["kernel"].dtype
+      (['b', 'a'], dtype(bfloat16))
+    """
+    import jax
+
+    target = jnp.dtype(dtype)
+    if not jnp.issubdtype(target, jnp.floating):
+        raise ValueError(f"bnjax.interop.astype: dtype must be floating-point, got {target}.")
+    new: dict[tuple[Any, ...], Any] = {}
+    for key_path, leaf in L.walk_template(variables):
+        value = L.leaf_value(leaf)
+        if not jnp.issubdtype(getattr(value, "dtype", np.dtype(object)), jnp.floating):
+            continue
+        if isinstance(value, jax.ShapeDtypeStruct):
+            new[key_path] = jax.ShapeDtypeStruct(value.shape, target)
+        else:
+            new[key_path] = jnp.asarray(value, target)
+    return _rebuild(variables, new, ())
 
 
 def reorder_like(tree: Any, like: Any) -> Any:
@@ -135,9 +175,11 @@ def from_torch(
     variables: Any,
     *,
     rename: Rename = None,
-    match: Match = "auto",
+    match: Match | Matching = "auto",
     conv_transpose: Collection[str] = (),
     strict: bool = True,
+    definition_order: Any = None,
+    dtype: DtypeRule = None,
 ) -> Any:
     """Loads a PyTorch `state_dict` into a Flax model's variables, all layers at once.
 
@@ -158,8 +200,13 @@ def from_torch(
     Pairing: a torch module path maps to a Flax path by the default rule (`.` <-> `/`,
     `N` <-> `N`, `layers_N` (linen `nn.Sequential`) or `layers/N` (`nnx.Sequential`)),
     after `rename`; with `match="auto"` the layers left over (e.g. Flax's automatic
-    names `Conv_0`, `BatchNorm_0`) are paired in definition order among layers of the
-    same signature (leaf names and weight rank).
+    names `Conv_0`, `BatchNorm_0`) are paired in order among layers of the same kind
+    and shapes, only where that order is known: numbered siblings in number order
+    (`Block_2` before `Block_10`, whatever the dict order), and each order pair must
+    sit between the same neighbours on both sides (torch's registration order is not
+    always Flax's call order); anything else is an error that says what to pass. A 1x1
+    `Conv*d` loads into a `Dense` (and a `Linear` into a 1x1 `Conv`).
+    `match=match_calls(...)` pairs by what the models compute instead.
 
     Args:
       state_dict: a torch `state_dict` (tensors, NumPy or JAX arrays; no torch import
@@ -172,21 +219,34 @@ def from_torch(
         should match by path. Other linen collections and nnx RNG state are ignored.
       rename: `{torch module path or prefix: Flax path}` (`"a.b"` / `"a/b"`), or a
         function from a torch module path to a Flax path (`None` keeps the path).
-      match: `"auto"` (by path, then the rest by order), `"path"` or `"order"`.
+      match: `"auto"` (by path, then the rest by order where the order is certain),
+        `"path"`, `"order"`, or a `Matching` from `match_calls` (pairs by what the
+        models compute; the reliable way for models whose names differ).
       conv_transpose: module paths (torch's or Flax's) that are ConvTranspose layers;
         Flax's `ConvTranspose_N` names and torch modules passed in are found alone.
       strict: every torch entry and every Flax variable must be paired (PyTorch's
         `load_state_dict(strict=True)`); `False` skips unpaired ones (they keep the
         template's values). Shape mismatches are errors either way.
+      definition_order: variables in definition (call) order (`flax_template`'s
+        output) whose order pairs the automatic names when `variables` had its keys
+        sorted (`jax.jit`, `eval_shape`, tree maps).
+      dtype: what a floating-point entry whose dtype differs from the template's
+        becomes: `None` (default) raises, naming the entries (no silent narrowing or
+        widening); `"template"` converts to the template's dtype; `"source"` keeps
+        the state_dict's. `num_batches_tracked` is always the template's integer type.
 
     Returns:
-      New variables of `variables`' type, structure and key order, with the
-      template's dtypes (JAX arrays). For nnx, `nnx.update(model, result)`.
+      New variables of `variables`' type, structure and key order (JAX arrays),
+      with the template's dtypes (or the source's with `dtype="source"`). For nnx,
+      `nnx.update(model, result)`.
       ConvTranspose kernels are for Flax's default `transpose_kernel=False`.
 
     Raises:
-      ValueError: one error listing every missing, unexpected and mis-shaped key (torch
-        and Flax names and shapes), or a layer of an unknown kind.
+      ValueError: one error, the fix first, listing the missing, unexpected and
+        mis-shaped keys (torch and Flax names and shapes); layers that only an order
+        could pair where the order is not known (sorted keys, registration order that
+        is not the call order); a dtype that differs from the template's (with
+        `dtype=None`); a layer of an unknown kind.
       TypeError: `state_dict` is not a mapping or a torch module, or holds non-arrays.
 
     Example:
@@ -198,11 +258,19 @@ def from_torch(
              [1., 4.],
              [2., 5.]], dtype=float32)
     """
+    ordered = variables if definition_order is None else reorder_like(variables, definition_order)
     tl = L.torch_layers(state_dict, conv_transpose)
-    fl = L.flax_layers(variables, conv_transpose)
+    fl = L.flax_layers(ordered, conv_transpose)
     matching = L.match(tl, fl, rename=rename, mode=match)
+    _raise_if_ambiguous("from_torch", matching, ordered)
     tby, fby = {t.path: t for t in tl}, {L.flax_str(f.path): f for f in fl}
-    problems = _Problems("bnjax.interop.from_torch: the state_dict does not fit the variables")
+    problems = _Problems(
+        "bnjax.interop.from_torch: the state_dict does not fit the variables",
+        "Fix: " + _CALLS_FIX + "; or name the Flax submodules after torch's (`layer1.0.conv1` "
+        "<-> `layer1/0/conv1`) or pass `rename={torch_path: flax_path}`; or check the layer "
+        "sizes. `print(bnjax.interop.match_layers(state_dict, variables))` shows the pairs.",
+    )
+    narrowed: list[str] = []
     new: dict[tuple[Any, ...], Any] = {}
     for pair in matching.pairs:
         t, f = tby[pair.torch], fby[pair.flax]
@@ -211,20 +279,31 @@ def from_torch(
             key_path, template = f.leaves[fleaf]
             like = L.leaf_value(template)
             arr = L.to_numpy(t.leaves[tleaf], key)
+            target = L.leaf_shape(like)
             if tleaf == "num_batches_tracked":
                 arr = L.check_count(arr, key, like.dtype)
             elif tleaf == "weight":
                 arr = L.weight_to_flax(arr, pair.kind)
-            if arr.shape != L.leaf_shape(like):
+                if pair.kind == "dense_conv1x1" and arr.size == int(np.prod(target)):
+                    arr = arr.reshape(target)
+            if arr.shape != target:
                 problems.shape(
-                    key,
-                    _shape_str(t.leaves[tleaf]),
-                    _path_str(key_path),
-                    arr.shape,
-                    L.leaf_shape(like),
+                    key, _shape_str(t.leaves[tleaf]), _path_str(key_path), arr.shape, target
                 )
                 continue
-            new[key_path] = jnp.asarray(np.array(arr, like.dtype, order="C"))
+            out_dtype = np.dtype(like.dtype)
+            if tleaf != "num_batches_tracked" and arr.dtype != out_dtype:
+                if dtype == "source":
+                    out_dtype = arr.dtype
+                elif dtype is None:
+                    narrowed.append(f"'{key}' {arr.dtype} -> {_path_str(key_path)} {out_dtype}")
+            new[key_path] = jnp.asarray(np.array(arr, out_dtype, order="C"))
+    if dtype not in (None, "template", "source"):
+        raise ValueError(
+            f"bnjax.interop.from_torch: dtype must be None, 'template' or 'source', got {dtype!r}."
+        )
+    if narrowed:
+        raise ValueError(_dtype_error(narrowed))
     if strict:
         for path in matching.unmatched_torch:
             for leaf, v in tby[path].leaves.items():
@@ -243,10 +322,12 @@ def to_torch(
     reference: Any = None,
     *,
     rename: Rename = None,
-    match: Match = "auto",
+    match: Match | Matching = "auto",
     conv_transpose: Collection[str] = (),
     definition_order: Any = None,
     return_tensors: bool = False,
+    strict: bool = True,
+    dtype: Literal["reference", "source"] = "reference",
 ) -> dict[str, Any]:
     """A Flax model's variables as a PyTorch `state_dict`, all layers at once.
 
@@ -271,6 +352,12 @@ def to_torch(
         when `jax.jit` or a tree map sorted its keys (which matters for Flax's
         automatic names: see `flax_template`).
       return_tensors: return `torch.Tensor`s (imports torch) instead of NumPy arrays.
+      strict: with `reference`, every reference entry and every Flax layer must be
+        paired; `False` exports what pairs (a part of a model, e.g. a backbone), in
+        the reference's order, and skips the rest.
+      dtype: with `reference`, `"reference"` (default) gives every value the
+        reference's dtype (what `load_state_dict` does anyway); `"source"` keeps the
+        variables' dtypes.
 
     Returns:
       A flat `dict` from torch keys to fresh NumPy arrays (or tensors).
@@ -288,7 +375,6 @@ def to_torch(
     if definition_order is not None:
         variables = reorder_like(variables, definition_order)
     fl = L.flax_layers(variables, conv_transpose)
-    problems = _Problems("bnjax.interop.to_torch: the variables do not fit the reference")
     out: dict[str, np.ndarray] = {}
     if reference is None:
         auto = sorted({n for f in fl for n in L.auto_named(f.path)})
@@ -309,13 +395,20 @@ def to_torch(
         return _tensors(out) if return_tensors else out
     tl = L.torch_layers(reference, conv_transpose)
     matching = L.match(tl, fl, rename=rename, mode=match)
+    _raise_if_ambiguous("to_torch", matching, variables)
+    problems = _Problems(
+        "bnjax.interop.to_torch: the variables do not fit the reference",
+        "Fix: " + _CALLS_FIX + "; or pass `rename={torch_path: flax_path}`; "
+        "`strict=False` exports only the layers that pair (a part of a model).",
+    )
     tby, fby = {t.path: t for t in tl}, {L.flax_str(f.path): f for f in fl}
     for pair in matching.pairs:
         t, f = tby[pair.torch], fby[pair.flax]
-        for tleaf, fleaf in _leaf_pairs(t, f, pair.kind, problems, True):
+        for tleaf, fleaf in _leaf_pairs(t, f, pair.kind, problems, strict):
             key = L.torch_key(t.path, tleaf)
             key_path, leaf = f.leaves[fleaf]
-            arr = _leaf_to_torch(leaf, fleaf, pair.kind, key, t.leaves[tleaf])
+            like = t.leaves[tleaf] if dtype == "reference" else None
+            arr = _leaf_to_torch(leaf, fleaf, pair.kind, key, like, L.leaf_shape(t.leaves[tleaf]))
             if arr.shape != L.leaf_shape(t.leaves[tleaf]):
                 problems.shape(
                     key,
@@ -327,15 +420,16 @@ def to_torch(
                 )
                 continue
             out[key] = arr
-    for path in matching.unmatched_torch:
-        for leaf, v in tby[path].leaves.items():
-            problems.missing(f"'{L.torch_key(path, leaf)}' {_shape_str(v)}")
-    for path in matching.unmatched_flax:
-        for key_path, v in fby[path].leaves.values():
-            problems.unexpected(f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))}")
+    if strict:
+        for path in matching.unmatched_torch:
+            for leaf, v in tby[path].leaves.items():
+                problems.missing(f"'{L.torch_key(path, leaf)}' {_shape_str(v)}")
+        for path in matching.unmatched_flax:
+            for key_path, v in fby[path].leaves.values():
+                problems.unexpected(f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))}")
     problems.raise_if_any(matching, variables)
     order = [L.torch_key(t.path, leaf) for t in tl for leaf in t.leaves]
-    out = {k: out[k] for k in order}
+    out = {k: out[k] for k in order if k in out}
     return _tensors(out) if return_tensors else out
 
 
@@ -343,10 +437,10 @@ def to_torch(
 
 
 class _Problems:
-    """Collects every mismatch, then raises them as one `ValueError`."""
+    """Collects every mismatch, then raises them as one `ValueError`, the fix first."""
 
-    def __init__(self, title: str) -> None:
-        self.title = title
+    def __init__(self, title: str, fix: str) -> None:
+        self.title, self.fix = title, fix
         self.lists: dict[str, list[str]] = {"missing": [], "unexpected": [], "shape": []}
 
     def missing(self, what: str) -> None:
@@ -374,16 +468,60 @@ class _Problems:
             "unexpected": "unexpected (nothing to put these in)",
             "shape": "shape mismatches",
         }
-        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}):"]
-        for k, items in self.lists.items():
-            if items:
-                lines.append(f"  {head[k]}:")
-                lines += [f"    {i}" for i in items]
-        lines.append(_FIX)
-        if any(p.by == "order" for p in matching.pairs) and L.looks_sorted(variables):
+        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}).", self.fix]
+        if matching.sorted_keys or (
+            any(p.by == "order" for p in matching.pairs) and L.looks_sorted(variables)
+        ):
             lines.append(_SORTED)
-        lines.append("Pairs found:\n" + "\n".join("    " + s for s in str(matching).splitlines()))
+        left = _MAX_LISTED
+        for k in ("shape", "missing", "unexpected"):
+            items = self.lists[k]
+            if items and left > 0:
+                lines.append(f"  {head[k]}:")
+                lines += [f"    {i}" for i in items[:left]]
+                left -= len(items[:left])
+        if n > _MAX_LISTED:
+            lines.append(f"  ... and {n - _MAX_LISTED} more")
+        lines.append(_pairs_summary(matching))
         raise ValueError("\n".join(lines))
+
+
+def _pairs_summary(matching: Matching) -> str:
+    shown = str(matching._replace(problem="")).splitlines()
+    extra = len(shown) - 1 - _MAX_PAIRS
+    body = shown[: _MAX_PAIRS + 1]
+    if extra > 0:
+        body.append(f"... and {extra} more (`print(bnjax.interop.match_layers(...))`)")
+    return "Pairs found:\n" + "\n".join("    " + s for s in body)
+
+
+def _raise_if_ambiguous(who: str, matching: Matching, variables: Any) -> None:
+    if not matching.problem:
+        return
+    lines = [
+        f"bnjax.interop.{who}: some layers could only be paired by guessing from their "
+        f"order, and here the order is not known: {matching.problem}.",
+        "Fix: " + _CALLS_FIX + "; or name these layers with `rename={torch_path: flax_path}`.",
+    ]
+    if matching.sorted_keys or L.looks_sorted(variables):
+        lines.append(_SORTED)
+    lines.append(_pairs_summary(matching))
+    raise ValueError("\n".join(lines))
+
+
+def _dtype_error(narrowed: list[str]) -> str:
+    lines = [
+        f"bnjax.interop.from_torch: {len(narrowed)} entries have another dtype than the "
+        "template's, and converting would change their values.",
+        "Fix: build the template in the state_dict's dtype (e.g. "
+        "`bnjax.interop.astype(template, jnp.float64)` with `jax.config.update("
+        "'jax_enable_x64', True)`, and `param_dtype=jnp.float64` in the model), or pass "
+        "`dtype='template'` to convert, or `dtype='source'` to keep the state_dict's.",
+    ]
+    lines += ["    " + s for s in narrowed[:_MAX_LISTED]]
+    if len(narrowed) > _MAX_LISTED:
+        lines.append(f"    ... and {len(narrowed) - _MAX_LISTED} more")
+    return "\n".join(lines)
 
 
 def _leaf_pairs(t: L.TorchLayer, f: L.FlaxLayer, kind: str, problems: _Problems, strict: bool):
@@ -410,13 +548,15 @@ def _leaf_pairs(t: L.TorchLayer, f: L.FlaxLayer, kind: str, problems: _Problems,
     return pairs
 
 
-def _leaf_to_torch(leaf: Any, fleaf: str, kind: str, key: str, like: Any) -> np.ndarray:
+def _leaf_to_torch(
+    leaf: Any, fleaf: str, kind: str, key: str, like: Any, torch_shape: Any = None
+) -> np.ndarray:
     arr = L.to_numpy(L.leaf_value(leaf), key)
     tleaf = L.torch_leaf_name(fleaf, kind)
     if tleaf == "num_batches_tracked":
         return L.check_count(arr, key, np.int64)
     if tleaf == "weight":
-        arr = L.weight_to_torch(arr, kind)
+        arr = L.weight_to_torch(arr, kind, torch_shape)
     if like is not None:
         arr = arr.astype(L.np_dtype(like))
     return np.array(arr, order="C")
