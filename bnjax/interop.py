@@ -44,8 +44,10 @@ Inputs are never mutated: every array returned is a fresh copy. The round trip
 dtypes and values bit for bit.
 """
 
+from bnjax._interop.by_calls import match_calls as match_calls
 from bnjax._interop.pairing import LayerMatch as LayerMatch
 from bnjax._interop.pairing import Matching as Matching
+from bnjax._interop.port import astype as astype
 from bnjax._interop.port import flax_template as flax_template
 from bnjax._interop.port import from_torch as from_torch
 from bnjax._interop.port import match_layers as match_layers
@@ -57,9 +59,11 @@ from bnjax._interop.state_dict import to_torch_state_dict as to_torch_state_dict
 __all__ = [
     "LayerMatch",
     "Matching",
+    "astype",
     "flax_template",
     "from_torch",
     "from_torch_state_dict",
+    "match_calls",
     "match_layers",
     "to_torch",
     "to_torch_state_dict",

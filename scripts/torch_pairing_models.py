@@ -100,18 +100,21 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     """Distinct BatchNorm affine and running statistics per layer (a 'pretrained' model).
 
     Every BatchNorm then computes something different in eval and train mode, so a
-    BatchNorm loaded into the wrong layer changes the outputs.
+    BatchNorm loaded into the wrong layer changes the outputs; the biases lean positive
+    so that no block's ReLU output is all zeros (a dead block computes nothing to pair by).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
-                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=gen))
-                m.bias.copy_(0.5 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
+                m.bias.copy_(0.2 + 0.2 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
                 m.num_batches_tracked.fill_(7)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.add_(0.3)  # squeeze-excitation: keep the squeezed ReLU alive
     return model
 
 

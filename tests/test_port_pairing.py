@@ -63,16 +63,25 @@ def _model(name: str, tag: str) -> nn.Module:
     return {"shortcut": P.ShortcutNet, "se": P.SENet}[name](dtype=DTYPES[tag])
 
 
-def _check_logits(model, variables, name, tag):
+def _check_logits(model, variables, name, tag, expected=None):
+    """Eval and train logits against PyTorch's (the fixture's, or `expected`)."""
     x = _x(name, tag)
+    ev, tr = expected or (_fixture(name)[f"{tag}/eval"], _fixture(name)[f"{tag}/train"])
     np.testing.assert_allclose(
-        model.apply(variables, x, train=False), _fixture(name)[f"{tag}/eval"], rtol=0,
-        atol=TOL[tag], err_msg="eval logits",
-    )  # fmt: skip
-    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(
-        y, _fixture(name)[f"{tag}/train"], rtol=0, atol=TOL[tag], err_msg="train logits"
+        model.apply(variables, x, train=False), ev, rtol=0, atol=TOL[tag], err_msg="eval logits"
     )
+    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, tr, rtol=0, atol=TOL[tag], err_msg="train logits")
+
+
+def _torch_logits(net, xt):
+    """A live torch model's eval and train logits (on a copy: training moves statistics)."""
+    import copy
+
+    import torch
+
+    with torch.no_grad():
+        return (copy.deepcopy(net).eval()(xt).numpy(), copy.deepcopy(net).train()(xt).numpy())
 
 
 def _right_or_raises(port, model, name, tag):
@@ -145,18 +154,26 @@ def test_p1_eleven_or_more_siblings_pair_in_natural_number_order(make):
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+def _sorted_template(model, x, make):
+    """The template as `jax.jit` or `jax.eval_shape` leave it: every dict's keys sorted."""
+    init = functools.partial(model.init, train=False)
+    if make == "jit":  # jit of the identity sorts as jit(model.init) does, compiling less
+        return jax.jit(lambda v: v)(init(KEY, x))
+    return jax.eval_shape(init, KEY, x)
+
+
 @pytest.mark.parametrize("make", ["jit", "eval_shape"])
 def test_p1_sorted_template_of_twelve_blocks_is_right_or_an_error(tag, make):
     model, x = _model("shortcut", tag), _x("shortcut", tag)
-    init = jax.jit(model.init, static_argnames="train") if make == "jit" else (
-        functools.partial(jax.eval_shape, model.init))  # fmt: skip
-    template = init(KEY, x, train=False)
+    template = _sorted_template(model, x, make)
     assert list(template["params"])[:4] == ["BatchNorm_0", "Block_0", "Block_1", "Block_10"]
     sd = _sd("shortcut", tag)
     error = _right_or_raises(lambda: interop.from_torch(sd, template), model, "shortcut", tag)
     assert error is not None
     variables = interop.from_torch(
-        sd, template, definition_order=interop.flax_template(model, x, train=False),
+        sd,
+        template,
+        definition_order=interop.flax_template(model, x, train=False),
         rename=_SHORTCUT_RENAME,
     )
     _check_logits(model, variables, "shortcut", tag)
@@ -199,7 +216,7 @@ def test_p2_sorted_sequential_state_dict_pairs_in_natural_number_order():
     sd, forward, model = _dense_chain(12)
     x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
     sorted_sd = dict(sorted(sd.items()))
-    assert list(sorted_sd)[2] == "10.bias"
+    assert list(sorted_sd).index("10.bias") < list(sorted_sd).index("2.bias")
     variables = interop.from_torch(sorted_sd, interop.flax_template(model, x))
     np.testing.assert_allclose(model.apply(variables, x), forward(x), rtol=0, atol=1e-5)
 
@@ -248,7 +265,9 @@ def test_p3_a_full_rename_ports_exactly(tag):
 def test_p4_statistics_follow_a_float64_param_dtype(kind):
     with jax.enable_x64(True):
         if kind == "linen":
-            v = bnjax.linen.BatchNorm(param_dtype=jnp.float64).init(KEY, jnp.ones((2, 3)))
+            v = bnjax.linen.BatchNorm(param_dtype=jnp.float64).init(
+                KEY, jnp.ones((2, 3)), train=False
+            )
             stats = v["batch_stats"]
         else:
             bn = bnjax.nnx.BatchNorm(3, param_dtype=jnp.float64)
@@ -257,7 +276,7 @@ def test_p4_statistics_follow_a_float64_param_dtype(kind):
         assert stats["running_var"].dtype == jnp.float64
     # float32 parameters keep float32 statistics (and bfloat16 ones too: not narrowed).
     for dtype in (jnp.float32, jnp.bfloat16):
-        v = bnjax.linen.BatchNorm(param_dtype=dtype).init(KEY, jnp.ones((2, 3)))
+        v = bnjax.linen.BatchNorm(param_dtype=dtype).init(KEY, jnp.ones((2, 3)), train=False)
         assert v["batch_stats"]["running_var"].dtype == jnp.float32
 
 
@@ -305,7 +324,7 @@ def test_p4_widening_a_template_keeps_its_order():
 
 def test_p5_the_fix_comes_first_and_the_error_is_short(tag):
     model, x = _model("shortcut", tag), _x("shortcut", tag)
-    template = jax.jit(model.init, static_argnames="train")(KEY, x, train=False)
+    template = _sorted_template(model, x, "eval_shape")
     with pytest.raises(ValueError) as info:
         interop.from_torch(_sd("shortcut", tag), template)
     lines = str(info.value).splitlines()
@@ -333,7 +352,8 @@ def test_p6_squeeze_excitation_dense_loads_torch_1x1_convs(tag):
     variables = interop.from_torch(sd, template)
     _check_logits(model, variables, "se", tag)
     match = interop.match_layers(sd, template)
-    assert ("blocks.0.se.fc1", "SEBlock_0/Dense_0", "conv1x1_dense") in {
+    # `nn.Dense(c)(relu(nn.Dense(c // 2)(s)))` builds the outer Dense first: Dense_1 squeezes.
+    assert ("blocks.0.se.fc1", "SEBlock_0/Dense_1", "conv1x1_dense") in {
         (p.torch, p.flax, p.kind) for p in match.pairs
     }
     back = interop.to_torch(variables, sd)
@@ -376,8 +396,10 @@ def _torch():
 def test_match_calls_pairs_by_what_the_layers_compute(tag, name):
     torch, models = _torch()
     net = models.build(name).to(torch.float64 if tag == "f64" else torch.float32)
+    original = {k: v.numpy().copy() for k, v in net.state_dict().items()}
     model, x = _model(name, tag), _x(name, tag)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    expected = _torch_logits(net, xt)  # the live model's init differs from the fixture's
     matching = interop.match_calls(net, (xt,), model, (x,), train=False)
     assert all(p.by == "calls" for p in matching.pairs)
     assert not matching.unmatched_torch and not matching.unmatched_flax
@@ -386,15 +408,21 @@ def test_match_calls_pairs_by_what_the_layers_compute(tag, name):
             (p.torch, p.flax) for p in matching.pairs
         }
     template = interop.flax_template(model, x, train=False)
-    for source in (net, dict(sorted(net.state_dict().items()))):  # sorted keys: no matter
-        variables = interop.from_torch(source, template, match=matching)
-        _check_logits(model, variables, name, tag)
-    sorted_template = jax.jit(model.init, static_argnames="train")(KEY, x, train=False)
-    variables = interop.from_torch(net, sorted_template, match=matching)
-    _check_logits(model, variables, name, tag)
+    variables = interop.from_torch(net, template, match=matching)
+    _check_logits(model, variables, name, tag, expected)
+    # Sorted state_dict keys and a sorted template change nothing.
+    sorted_sd = dict(sorted(net.state_dict().items()))
+    sorted_template = _sorted_template(model, x, "jit")
+    for again in (
+        interop.from_torch(sorted_sd, template, match=matching),
+        interop.from_torch(net, sorted_template, match=matching),
+    ):
+        same = jax.tree.map(np.array_equal, again, variables)
+        assert all(jax.tree.leaves(same))
     state_dict = interop.to_torch(variables, net, match=matching, return_tensors=True)
     net.load_state_dict(state_dict, strict=True)
-    for k, v in _sd(name, tag).items():
+    for k, v in original.items():
+        assert net.state_dict()[k].dtype == state_dict[k].dtype
         np.testing.assert_array_equal(net.state_dict()[k].numpy(), v, err_msg=k)
 
 
@@ -413,8 +441,8 @@ def test_match_calls_nnx(tag):
     }
     nnx.update(model, interop.from_torch(net, nnx.state(model), match=matching))
     model.eval()
-    np.testing.assert_allclose(model(x), _fixture("shortcut")[f"{tag}/eval"], rtol=0,
-                               atol=TOL[tag])  # fmt: skip
+    expected = _torch_logits(net, xt)[0]
+    np.testing.assert_allclose(model(x), expected, rtol=0, atol=TOL[tag])
 
 
 @pytest.mark.torch
