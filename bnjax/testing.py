@@ -39,13 +39,18 @@ from bnjax._testing.compare import compare_rounding as compare_rounding
 from bnjax._testing.fixture import Fixture as Fixture
 from bnjax._testing.fixture import export_fixture as export_fixture
 from bnjax._testing.fixture import load_fixture as load_fixture
+from bnjax._testing.locate import Divergence as Divergence
+from bnjax._testing.locate import LayerDivergence as LayerDivergence
+from bnjax._testing.locate import locate_divergence as locate_divergence
 
 __all__ = [
     "DEFAULT_TOLERANCES",
     "ROUNDING_FACTOR",
     "Comparison",
+    "Divergence",
     "Fixture",
     "GroupCheck",
+    "LayerDivergence",
     "LeafComparison",
     "ModelCheck",
     "assert_trees_close",
@@ -53,4 +58,5 @@ __all__ = [
     "compare_rounding",
     "export_fixture",
     "load_fixture",
+    "locate_divergence",
 ]

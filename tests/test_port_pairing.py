@@ -35,7 +35,7 @@ import pytest
 
 import bnjax.linen
 import bnjax.nnx
-from bnjax import interop
+from bnjax import interop, testing
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SCRIPTS = Path(__file__).parent.parent / "scripts"
@@ -473,3 +473,28 @@ def test_fixture_metadata():
         meta = json.loads(str(_fixture(name)["__meta__"]))
         assert meta["command"] == "python scripts/export_pairing_fixtures.py --out tests/fixtures"
         assert meta["torch"].startswith("2.13.0")
+
+
+@pytest.mark.torch
+def test_locate_divergence_finds_a_wrong_layer_in_eval_and_train(tag):
+    torch, models = _torch()
+    net = models.build("shortcut").to(torch.float64 if tag == "f64" else torch.float32)
+    model, x = _model("shortcut", tag), _x("shortcut", tag)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    matching = interop.match_calls(net, (xt,), model, (x,), train=False)
+    variables = interop.from_torch(net, interop.flax_template(model, x, train=False),
+                                   match=matching)  # fmt: skip
+    result = testing.locate_divergence(net, xt, model, variables, x, matching=matching)
+    assert result.ok, str(result)
+    # A deliberately wrong layer: block 5's two main BatchNorms swapped.
+    wrong = jax.tree.map(lambda a: a, variables)
+    for col in ("params", "batch_stats"):
+        b = dict(wrong[col]["Block_5"])
+        b["BatchNorm_1"], b["BatchNorm_2"] = b["BatchNorm_2"], b["BatchNorm_1"]
+        wrong[col] = {**wrong[col], "Block_5": b}
+    result = testing.locate_divergence(net, xt, model, wrong, x, matching=matching)
+    for mode in ("eval", "train"):
+        first = result.first[mode]
+        assert (first.flax, first.torch) == ("Block_5/BatchNorm_1", "blocks.5.bn1"), str(result)
+        assert first.input_error <= first.rounding * result.factor
+    assert "Block_5/BatchNorm_1" in str(result)

@@ -36,8 +36,14 @@ class TorchCall(NamedTuple):
     output: np.ndarray  # output (a copy, taken before any in-place op downstream)
 
 
-def record_torch_calls(module: Any, args: tuple[Any, ...], paths: Collection[str]) -> list:
-    """Runs a torch module once in eval mode under `no_grad`, recording `paths`' calls."""
+def record_torch_calls(
+    module: Any, args: tuple[Any, ...], paths: Collection[str], *, train: bool = False
+) -> list[TorchCall]:
+    """Runs a torch module once under `no_grad`, recording `paths`' calls.
+
+    In eval mode by default (`train=True`: training mode, which moves its running
+    statistics: pass a copy); the module's mode is restored afterwards.
+    """
     torch = sys.modules.get("torch")
     if torch is None:  # a torch module was passed, so torch is importable
         import torch
@@ -56,7 +62,7 @@ def record_torch_calls(module: Any, args: tuple[Any, ...], paths: Collection[str
     ]
     was_training = module.training
     try:
-        module.eval()
+        module.train(train)
         with torch.no_grad():
             module(*args)
     finally:
