@@ -144,6 +144,12 @@ def match_calls(
       A `Matching` whose pairs are `by="calls"`; pass it as `from_torch(...,
       match=matching)` / `to_torch(..., match=matching)`.
 
+    Example (needs torch; `docs/porting.md` runs it):
+
+        matching = bnjax.interop.match_calls(torch_net, (x_nchw,), model, (x_nhwc,),
+                                             train=False)
+        variables = bnjax.interop.from_torch(torch_net, template, match=matching)
+
     Raises:
       ValueError: a Flax layer takes an input no torch layer of its kind and shapes
         takes (the code between layers differs: the error names the layer, the

@@ -20,6 +20,10 @@ _CALLS_FIX = (
     "pair by what the models compute: `matching = bnjax.interop.match_calls(torch_model, "
     "(x,), flax_model, (x_flax,), train=False)`, then `match=matching`"
 )
+_SIZES_FIX = (
+    "Fix: these layers' sizes differ between the two models (the shapes below): build "
+    "both with the same sizes."
+)
 _SORTED = (
     "These variables have sorted keys (`jax.jit`, `jax.eval_shape` and `jax.tree.map` sort "
     "dict keys): build the template with `bnjax.interop.flax_template(model, x)` (or pass "
@@ -468,7 +472,12 @@ class _Problems:
             "unexpected": "unexpected (nothing to put these in)",
             "shape": "shape mismatches",
         }
-        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}).", self.fix]
+        fix = self.fix
+        if n == len(self.lists["shape"]) and all(p.by == "path" for p in matching.pairs):
+            fix = _SIZES_FIX  # paired by name: the sizes are what differs
+        elif n == len(self.lists["shape"]):
+            fix = _SIZES_FIX + " If they are paired wrongly, " + _CALLS_FIX + "."
+        lines = [f"{self.title} ({n} problem{'s' if n > 1 else ''}).", fix]
         if matching.sorted_keys or (
             any(p.by == "order" for p in matching.pairs) and L.looks_sorted(variables)
         ):

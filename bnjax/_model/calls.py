@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 __all__ = ["Call", "record_calls"]
@@ -62,7 +61,8 @@ def record_calls(
       >>> class Net(nn.Module):
       ...     @nn.compact
       ...     def __call__(self, x):
-      ...         return nn.Dense(2)(nn.relu(nn.Dense(3)(x)))
+      ...         h = nn.relu(nn.Dense(3)(x))
+      ...         return nn.Dense(2)(h)
       >>> x = jnp.ones((1, 4))
       >>> v = Net().init(jax.random.key(0), x)
       >>> _, calls = record_calls(Net(), v, (x,), layers={("Dense_0",), ("Dense_1",)})
@@ -82,11 +82,10 @@ def record_calls(
         calls.append(Call(path, kind, _np(x), _np(out)))
         return out
 
-    with jax.disable_jit():
-        if _is_nnx(model):
-            out = _run_nnx(model, args, kwargs, wanted, run_layer)
-        else:
-            out = _run_linen(model, variables, args, kwargs, wanted, run_layer, mutable)
+    if _is_nnx(model):
+        out = _run_nnx(model, args, kwargs, wanted, run_layer)
+    else:
+        out = _run_linen(model, variables, args, kwargs, wanted, run_layer, mutable)
     return out, calls
 
 

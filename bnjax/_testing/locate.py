@@ -111,6 +111,11 @@ def locate_divergence(
       A `Divergence`: `first[mode]` is the first diverging layer call (None when
       none does), `layers` every compared call; `print` it.
 
+    Example (needs torch; `docs/porting.md` runs it):
+
+        result = bnjax.testing.locate_divergence(torch_net, x_nchw, model, variables, x_nhwc)
+        print(result)  # eval: first divergence at Flax `Block_5/BatchNorm_1` ...
+
     Raises:
       ValueError: the layers cannot be paired (see `match_calls`: its error names
         the layer whose input no torch layer takes).
