@@ -117,14 +117,12 @@ def flax_as_torch(leaves: Mapping[str, tuple[int, ...]], kind: str) -> dict[str,
     for name, shape in leaves.items():
         shape = tuple(shape)
         if name == WEIGHT_NAME[kind]:
-            n = len(shape)
             if kind == "dense":
                 shape = shape[::-1]
             elif kind == "conv":
                 shape = (shape[-1], shape[-2], *shape[:-2])
             elif kind == "conv_transpose":
                 shape = (shape[-2], shape[-1], *shape[:-2])
-            del n
             out["weight"] = shape
         else:
             out[name] = shape

@@ -48,18 +48,15 @@ class _Order:
                 if path[i] not in kids:
                     kids.append(path[i])
         self.uncertain: dict[tuple[str, ...], list[str]] = {}
-        rank: dict[tuple[str, ...], tuple[int, ...]] = {}
-        self.sorted_nodes = []
+        rank: dict[tuple[str, ...], int] = {}
         for node, kids in children.items():
             if len(kids) >= 2 and kids == sorted(kids):
                 kids = sorted(kids, key=natural_key)
                 if len({natural_key(k)[0] for k in kids}) >= 2:
                     self.uncertain[node] = kids
-                if kids != children[node]:
-                    self.sorted_nodes.append(node)
             for i, k in enumerate(kids):
-                rank[(*node, k)] = i  # type: ignore[assignment]
-        self.key = {p: tuple(rank[p[: i + 1]] for i in range(len(p))) for p in paths}  # type: ignore[misc]
+                rank[(*node, k)] = i
+        self.key = {p: tuple(rank[p[: i + 1]] for i in range(len(p))) for p in paths}
 
     def sequence(self, items: Sequence[int], paths: Sequence[tuple[str, ...]]) -> list[int]:
         return sorted(items, key=lambda i: self.key[paths[i]])
