@@ -247,8 +247,11 @@ def test_template_dtypes_are_kept_only_when_asked_and_reference_dtypes_restored(
     np.testing.assert_array_equal(
         variables["params"]["fc"]["kernel"], sd["fc.weight"].T.astype(ml_dtypes.bfloat16)
     )
-    back = interop.to_torch(variables, sd)
+    with pytest.raises(ValueError, match=r"(?s)^[^\n]*dtype.*\nFix:.*dtype='reference'"):
+        interop.to_torch(variables, sd)
+    back = interop.to_torch(variables, sd, dtype="reference")
     assert back["fc.weight"].dtype == np.float32
+    assert interop.to_torch(variables, sd, dtype="source")["fc.weight"].dtype == ml_dtypes.bfloat16
     assert interop.to_torch(variables)["fc.weight"].dtype == ml_dtypes.bfloat16
 
 

@@ -213,16 +213,18 @@ def match_calls(
             if nearest is None or err < nearest[0]:
                 nearest = (err, tc)
             if err <= tol:
-                found.append((i, tc, k, tout))
+                found.append((err, i, tc, k, tout))
         if not found:
             raise _no_input_match(path, kind, x, nearest, compatible, history, ties)
-        by_name = [c for c in found if L.norm_flax_path(rename_fn(c[1].path))
+        found.sort(key=lambda c: c[0])  # the closest input first (stable: call order)
+        by_name = [c for c in found if L.norm_flax_path(rename_fn(c[2].path))
                    == L.norm_flax_path(path)]  # fmt: skip
-        i, tc, k, tout = (by_name or found)[0]
-        if len(found) > 1 and not by_name:
+        _, i, tc, k, tout = (by_name or found)[0]
+        close = [c for c in found if c[0] <= max(10 * found[0][0], 1e-3 * tol)]
+        if len(close) > 1 and not by_name:
             ties.append(
                 f"`{L.flax_str(path)}` took torch's `{tc.path}` among "
-                f"{[c[1].path for c in found[:4]]} (the same input)"
+                f"{[c[2].path for c in close[:4]]} (the same input)"
             )
         used.add(i)
         flax_to_torch[path], torch_to_flax[tc.path], kinds[path] = tc.path, path, k

@@ -331,7 +331,7 @@ def to_torch(
     definition_order: Any = None,
     return_tensors: bool = False,
     strict: bool = True,
-    dtype: Literal["reference", "source"] = "reference",
+    dtype: Literal["reference", "source"] | None = None,
 ) -> dict[str, Any]:
     """A Flax model's variables as a PyTorch `state_dict`, all layers at once.
 
@@ -359,9 +359,10 @@ def to_torch(
       strict: with `reference`, every reference entry and every Flax layer must be
         paired; `False` exports what pairs (a part of a model, e.g. a backbone), in
         the reference's order, and skips the rest.
-      dtype: with `reference`, `"reference"` (default) gives every value the
-        reference's dtype (what `load_state_dict` does anyway); `"source"` keeps the
-        variables' dtypes.
+      dtype: with `reference`, what a floating-point value whose dtype differs from
+        the reference's becomes: `None` (default) raises, naming the entries;
+        `"reference"` converts to the reference's dtype; `"source"` keeps the
+        variables'. `num_batches_tracked` is always int64.
 
     Returns:
       A flat `dict` from torch keys to fresh NumPy arrays (or tensors).
@@ -400,6 +401,11 @@ def to_torch(
     tl = L.torch_layers(reference, conv_transpose)
     matching = L.match(tl, fl, rename=rename, mode=match)
     _raise_if_ambiguous("to_torch", matching, variables)
+    if dtype not in (None, "reference", "source"):
+        raise ValueError(
+            f"bnjax.interop.to_torch: dtype must be None, 'reference' or 'source', got {dtype!r}."
+        )
+    changed: list[str] = []
     problems = _Problems(
         "bnjax.interop.to_torch: the variables do not fit the reference",
         "Fix: " + _CALLS_FIX + "; or pass `rename={torch_path: flax_path}`; "
@@ -411,8 +417,13 @@ def to_torch(
         for tleaf, fleaf in _leaf_pairs(t, f, pair.kind, problems, strict):
             key = L.torch_key(t.path, tleaf)
             key_path, leaf = f.leaves[fleaf]
-            like = t.leaves[tleaf] if dtype == "reference" else None
-            arr = _leaf_to_torch(leaf, fleaf, pair.kind, key, like, L.leaf_shape(t.leaves[tleaf]))
+            ref_dtype = L.np_dtype(t.leaves[tleaf])
+            arr = _leaf_to_torch(leaf, fleaf, pair.kind, key, None, L.leaf_shape(t.leaves[tleaf]))
+            if tleaf != "num_batches_tracked" and arr.dtype != ref_dtype:
+                if dtype == "reference":
+                    arr = arr.astype(ref_dtype)
+                elif dtype is None:
+                    changed.append(f"{_path_str(key_path)} {arr.dtype} -> '{key}' {ref_dtype}")
             if arr.shape != L.leaf_shape(t.leaves[tleaf]):
                 problems.shape(
                     key,
@@ -432,6 +443,8 @@ def to_torch(
             for key_path, v in fby[path].leaves.values():
                 problems.unexpected(f"{_path_str(key_path)} {_shape_str(L.leaf_value(v))}")
     problems.raise_if_any(matching, variables)
+    if changed:
+        raise ValueError(_dtype_error(changed, "to_torch"))
     order = [L.torch_key(t.path, leaf) for t in tl for leaf in t.leaves]
     out = {k: out[k] for k in order if k in out}
     return _tensors(out) if return_tensors else out
@@ -518,15 +531,24 @@ def _raise_if_ambiguous(who: str, matching: Matching, variables: Any) -> None:
     raise ValueError("\n".join(lines))
 
 
-def _dtype_error(narrowed: list[str]) -> str:
-    lines = [
-        f"bnjax.interop.from_torch: {len(narrowed)} entries have another dtype than the "
-        "template's, and converting would change their values.",
-        "Fix: build the template in the state_dict's dtype (e.g. "
-        "`bnjax.interop.astype(template, jnp.float64)` with `jax.config.update("
-        "'jax_enable_x64', True)`, and `param_dtype=jnp.float64` in the model), or pass "
-        "`dtype='template'` to convert, or `dtype='source'` to keep the state_dict's.",
-    ]
+def _dtype_error(narrowed: list[str], who: str = "from_torch") -> str:
+    if who == "to_torch":
+        lines = [
+            f"bnjax.interop.to_torch: {len(narrowed)} values have another dtype than the "
+            "reference's, and converting would change them.",
+            "Fix: pass `dtype='reference'` to convert (what `load_state_dict` does), "
+            "`dtype='source'` to keep the variables' dtypes, or give a reference in the "
+            "variables' dtype (e.g. `torch_model.double()`).",
+        ]
+    else:
+        lines = [
+            f"bnjax.interop.from_torch: {len(narrowed)} entries have another dtype than the "
+            "template's, and converting would change their values.",
+            "Fix: build the template in the state_dict's dtype (e.g. "
+            "`bnjax.interop.astype(template, jnp.float64)` with `jax.config.update("
+            "'jax_enable_x64', True)`, and `param_dtype=jnp.float64` in the model), or pass "
+            "`dtype='template'` to convert, or `dtype='source'` to keep the state_dict's.",
+        ]
     lines += ["    " + s for s in narrowed[:_MAX_LISTED]]
     if len(narrowed) > _MAX_LISTED:
         lines.append(f"    ... and {len(narrowed) - _MAX_LISTED} more")
