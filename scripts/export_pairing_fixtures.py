@@ -5,8 +5,9 @@ Usage (needs torch==2.13.0, CPU):
     python scripts/export_pairing_fixtures.py --out tests/fixtures
 
 Writes `pairing_shortcut.npz` and `pairing_se.npz` (models in
-`scripts/torch_pairing_models.py`): for float32 and float64 (`f32/`, `f64/`), the
-state_dict in torch's registration order (`<dtype>/state_dict/<key>`), the input
+`scripts/torch_pairing_models.py`): for float32 and float64 (`f32/`, `f64/`, each
+model built in its dtype, so float64 values are not float32's), the state_dict in
+torch's registration order (`<dtype>/state_dict/<key>`), the input
 (`x`, NCHW, float64 values rounded to float32 so both dtypes see the same numbers),
 the eval-mode logits (`<dtype>/eval`) and the train-mode logits of the same batch
 (`<dtype>/train`). `__meta__` is a JSON string: the torch version, this command, the
@@ -53,7 +54,13 @@ def export(name: str, model_name: str, shape: tuple[int, ...], out: Path) -> Non
     x = torch.randn(*shape, dtype=torch.float32)
     arrays: dict[str, np.ndarray] = {"x": x.numpy()}
     for tag, dtype in (("f32", torch.float32), ("f64", torch.float64)):
-        model = build(model_name).to(dtype)
+        # Built in the dtype itself: float64 weights and statistics that float32 cannot
+        # hold, so a port that narrows anything shows in the float64 outputs.
+        torch.set_default_dtype(dtype)
+        try:
+            model = build(model_name)
+        finally:
+            torch.set_default_dtype(torch.float32)
         for k, v in model.state_dict().items():
             arrays[f"{tag}/state_dict/{k}"] = v.detach().numpy().copy()
         with torch.no_grad():
