@@ -248,8 +248,8 @@ def test_template_dtypes_are_kept_only_when_asked_and_reference_dtypes_restored(
         variables["params"]["fc"]["kernel"], sd["fc.weight"].T.astype(ml_dtypes.bfloat16)
     )
     with pytest.raises(ValueError, match=r"(?s)^[^\n]*dtype.*\nFix:.*dtype='reference'"):
-        interop.to_torch(variables, sd)
-    back = interop.to_torch(variables, sd, dtype="reference")
+        interop.to_torch(variables, sd, dtype=None)
+    back = interop.to_torch(variables, sd)  # the reference's dtypes, as load_state_dict
     assert back["fc.weight"].dtype == np.float32
     assert interop.to_torch(variables, sd, dtype="source")["fc.weight"].dtype == ml_dtypes.bfloat16
     assert interop.to_torch(variables)["fc.weight"].dtype == ml_dtypes.bfloat16

@@ -331,7 +331,7 @@ def to_torch(
     definition_order: Any = None,
     return_tensors: bool = False,
     strict: bool = True,
-    dtype: Literal["reference", "source"] | None = None,
+    dtype: Literal["reference", "source"] | None = "reference",
 ) -> dict[str, Any]:
     """A Flax model's variables as a PyTorch `state_dict`, all layers at once.
 
@@ -360,9 +360,10 @@ def to_torch(
         paired; `False` exports what pairs (a part of a model, e.g. a backbone), in
         the reference's order, and skips the rest.
       dtype: with `reference`, what a floating-point value whose dtype differs from
-        the reference's becomes: `None` (default) raises, naming the entries;
-        `"reference"` converts to the reference's dtype; `"source"` keeps the
-        variables'. `num_batches_tracked` is always int64.
+        the reference's becomes: `"reference"` (default) converts to the reference's
+        dtype (what `load_state_dict` does with it anyway); `"source"` keeps the
+        variables'; `None` raises, naming the entries. `num_batches_tracked` is always
+        int64.
 
     Returns:
       A flat `dict` from torch keys to fresh NumPy arrays (or tensors).
