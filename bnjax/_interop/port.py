@@ -235,9 +235,11 @@ def from_torch(
         output) whose order pairs the automatic names when `variables` had its keys
         sorted (`jax.jit`, `eval_shape`, tree maps).
       dtype: what a floating-point entry whose dtype differs from the template's
-        becomes: `None` (default) raises, naming the entries (no silent narrowing or
-        widening); `"template"` converts to the template's dtype; `"source"` keeps
-        the state_dict's. `num_batches_tracked` is always the template's integer type.
+        becomes: `None` (default) takes the template's dtype when that holds every
+        value exactly (float32 into float64) and raises, naming the entries, when it
+        would round them (float64 into float32, float32 into bfloat16);
+        `"template"` converts anyway; `"source"` keeps the state_dict's.
+        `num_batches_tracked` is always the template's integer type.
 
     Returns:
       New variables of `variables`' type, structure and key order (JAX arrays),
@@ -249,8 +251,8 @@ def from_torch(
       ValueError: one error, the fix first, listing the missing, unexpected and
         mis-shaped keys (torch and Flax names and shapes); layers that only an order
         could pair where the order is not known (sorted keys, registration order that
-        is not the call order); a dtype that differs from the template's (with
-        `dtype=None`); a layer of an unknown kind.
+        is not the call order); a template dtype that would round the state_dict's
+        values (with `dtype=None`); a layer of an unknown kind.
       TypeError: `state_dict` is not a mapping or a torch module, or holds non-arrays.
 
     Example:
@@ -299,7 +301,7 @@ def from_torch(
             if tleaf != "num_batches_tracked" and arr.dtype != out_dtype:
                 if dtype == "source":
                     out_dtype = arr.dtype
-                elif dtype is None:
+                elif dtype is None and not np.can_cast(arr.dtype, out_dtype, "safe"):
                     narrowed.append(f"'{key}' {arr.dtype} -> {_path_str(key_path)} {out_dtype}")
             new[key_path] = jnp.asarray(np.array(arr, out_dtype, order="C"))
     if dtype not in (None, "template", "source"):
@@ -543,8 +545,8 @@ def _dtype_error(narrowed: list[str], who: str = "from_torch") -> str:
         ]
     else:
         lines = [
-            f"bnjax.interop.from_torch: {len(narrowed)} entries have another dtype than the "
-            "template's, and converting would change their values.",
+            f"bnjax.interop.from_torch: {len(narrowed)} entries would be rounded to the "
+            "template's narrower dtype.",
             "Fix: build the template in the state_dict's dtype (e.g. "
             "`bnjax.interop.astype(template, jnp.float64)` with `jax.config.update("
             "'jax_enable_x64', True)`, and `param_dtype=jnp.float64` in the model), or pass "
