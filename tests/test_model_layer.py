@@ -182,3 +182,23 @@ def test_run_reports_every_kind_alike():
         assert report.config.eps == 1e-3 and int(report.count) == 3, kind
         np.testing.assert_allclose(report.mean, mean, rtol=1e-6, err_msg=kind)
         np.testing.assert_allclose(report.var, var, rtol=1e-6, err_msg=kind)
+
+
+# --- float64 end to end, in the functional core too.
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stats"), [("float64", "float64"), ("float32", "float32"), ("bfloat16", "float32")]
+)
+def test_init_statistics_follow_a_wider_parameter_dtype(dtype, stats):
+    with jax.enable_x64(True):
+        params, batch_stats = bnjax.init(3, dtype=dtype, renorm=True)
+        assert params["weight"].dtype == dtype
+        for key in ("running_mean", "running_var", "renorm_mean", "renorm_std"):
+            assert batch_stats[key].dtype == stats, key
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), dtype)
+        _, new = bnjax.apply(params, batch_stats, x, True, renorm=bnjax.Renorm())
+        assert new["running_var"].dtype == stats  # a step keeps them as they are
+        if dtype == "float64":  # unbiased batch variance, PyTorch's update, in float64
+            expected = 0.9 + 0.1 * np.var(np.asarray(x), 0, ddof=1)
+            np.testing.assert_allclose(new["running_var"], expected, rtol=1e-13)

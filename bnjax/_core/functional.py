@@ -66,7 +66,8 @@ def init(
       bias: with `affine`, whether to create `bias` too; `bias=False` gives
         `{"weight"}` alone, PyTorch's `BatchNorm2d(C, bias=False)`.
       track_running_stats: whether to create running statistics.
-      dtype: the dtype of `weight` and `bias`. Running statistics are float32.
+      dtype: the dtype of `weight` and `bias`. Running statistics are float32, or
+        `dtype` where it is wider (float64: a float64 model is float64 end to end).
       renorm: with `track_running_stats`, also create Batch Renormalization's own
         statistics `renorm_mean` (zeros) and `renorm_std` (ones), float32, which
         `apply(..., renorm=bnjax.Renorm(...))` needs.
@@ -112,13 +113,14 @@ def init(
             params["bias"] = jnp.zeros(shape, dtype)
     batch_stats: BatchStats = {}
     if track_running_stats:
+        stats_dtype = jnp.promote_types(dtype, jnp.float32)  # float32, or float64
         batch_stats = {
-            "running_mean": jnp.zeros(shape, jnp.float32),
-            "running_var": jnp.ones(shape, jnp.float32),
+            "running_mean": jnp.zeros(shape, stats_dtype),
+            "running_var": jnp.ones(shape, stats_dtype),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
         if renorm:
-            batch_stats.update(_renorm.init_stats(shape))
+            batch_stats.update(_renorm.init_stats(shape, stats_dtype))
     return params, batch_stats
 
 

@@ -197,11 +197,11 @@ def _static(v: Any) -> float | None:
         return None
 
 
-def init_stats(shape: tuple[int, ...]) -> dict[str, Array]:
+def init_stats(shape: tuple[int, ...], dtype: Any = jnp.float32) -> dict[str, Array]:
     """The renorm statistics at the start: mean 0, std 1 (Keras's initial values)."""
     return {
-        "renorm_mean": jnp.zeros(shape, jnp.float32),
-        "renorm_std": jnp.ones(shape, jnp.float32),
+        "renorm_mean": jnp.zeros(shape, dtype),
+        "renorm_std": jnp.ones(shape, dtype),
     }
 
 
