@@ -202,3 +202,26 @@ def test_init_statistics_follow_a_wider_parameter_dtype(dtype, stats):
         if dtype == "float64":  # unbiased batch variance, PyTorch's update, in float64
             expected = 0.9 + 0.1 * np.var(np.asarray(x), 0, ddof=1)
             np.testing.assert_allclose(new["running_var"], expected, rtol=1e-13)
+
+
+# --- the eval-trap check takes the one functional signature.
+
+
+def test_check_batch_independence_takes_the_one_functional_signature():
+    params, stats = two_layer_model(jax.random.key(3))
+    stats["bn"] = dict(stats["bn"], running_mean=jnp.arange(4.0), running_var=jnp.arange(1.0, 5))
+    x = jax.random.normal(jax.random.key(4), (4, 5, 5, 3))
+
+    def forward(p, s, xb, bn):
+        return two_layer_forward(p, s, xb, bn, train=False)
+
+    assert deploy.check_batch_independence(forward, params, stats, x).ok
+    with pytest.raises(deploy.EvalTrapError, match="depend on how examples are batched"):
+        deploy.check_batch_independence(
+            lambda p, s, xb, bn: two_layer_forward(p, s, xb, bn, train=True), params, stats, x
+        )
+    with pytest.warns(DeprecationWarning, match="apply_fn, params, batch_stats, batch"):
+        old = deploy.check_batch_independence(
+            lambda v, xb: forward(v[0], v[1], xb, bnjax.apply)[0], (params, stats), x
+        )
+    assert old.ok

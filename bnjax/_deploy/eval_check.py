@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._core import deprecation, functional
 from bnjax._model.run import model_kind
 
 
@@ -56,8 +57,12 @@ def check_batch_independence(
 
     Three kinds of model, run as you would deploy them:
 
-    - functional: `check_batch_independence(apply_fn, variables, batch)` with
-      `apply_fn(variables, batch) -> outputs`, the eval-mode forward;
+    - functional: `check_batch_independence(apply_fn, params, batch_stats, batch)`
+      with `apply_fn(params, batch_stats, batch, bn) -> (outputs, new_batch_stats)`,
+      the eval-mode forward in the one signature of a functional model (as for
+      `fold` and `precise_bn`); `bn` is `bnjax.apply`. (The older
+      `check_batch_independence(fn, variables, batch)` with `fn(variables, batch) ->
+      outputs` still works in this release, with a `DeprecationWarning`.)
     - linen: `check_batch_independence(module, variables, batch, train=False)`:
       `module.apply(variables, batch, **call_kwargs)` (default `train=False`);
     - nnx: `check_batch_independence(model, batch)`: `model(batch, **call_kwargs)` in
@@ -88,9 +93,9 @@ def check_batch_independence(
     Args:
       model: a functional `apply_fn`, a `flax.linen.Module` or a `flax.nnx.Module`.
         Every leaf of the batch and of the outputs has the batch as its leading axis.
-      *args: functional and linen: `variables, batch` (`variables`: whatever
-        `apply_fn` takes first, e.g. `(params, batch_stats)`); nnx: `batch`. The
-        batch is a pytree of arrays, all with the same leading size N >= 2.
+      *args: functional: `params, batch_stats, batch`; linen: `variables, batch`;
+        nnx: `batch`. The batch is a pytree of arrays, all with the same leading
+        size N >= 2.
       rtol: a fixed relative tolerance instead of the automatic one (elementwise
         `|diff| <= atol + rtol |expected|`; the other defaults to 1e-5).
       atol: a fixed absolute tolerance instead of the automatic one.
@@ -111,9 +116,9 @@ def check_batch_independence(
 
     Example:
       >>> params, stats = bnjax.init(3)
-      >>> def apply_fn(v, x):
-      ...     return bnjax.apply(v[0], v[1], x, train=False)[0]
-      >>> check_batch_independence(apply_fn, (params, stats), jnp.ones((4, 3))).ok
+      >>> def apply_fn(params, stats, x, bn):
+      ...     return bn(params, stats, x, False)
+      >>> check_batch_independence(apply_fn, params, stats, jnp.ones((4, 3))).ok
       True
     """
     apply_fn, variables, batch = _as_apply_fn(model, args, call_kwargs)
@@ -277,16 +282,29 @@ def _float64_run(fn: Callable[[Any, Any], Any], variables: Any, batch: Any) -> A
 def _as_apply_fn(model: Any, args: tuple[Any, ...], call_kwargs: dict[str, Any]):
     """`(apply_fn(variables, batch), variables, batch)` for any kind of model."""
     kind = model_kind(model, "check_batch_independence")
+    if kind == "functional" and len(args) == 3 and not call_kwargs:
+        params, batch_stats, batch = args
+
+        def forward(variables: Any, b: Any) -> Any:
+            return model(variables[0], variables[1], b, functional.apply)[0]
+
+        return forward, (params, batch_stats), batch
+    if kind == "functional" and len(args) == 2 and not call_kwargs:
+        deprecation.warn(
+            "check_batch_independence(fn, variables, batch) with fn(variables, batch)",
+            "check_batch_independence(apply_fn, params, batch_stats, batch) with "
+            "apply_fn(params, batch_stats, batch, bn) -> (outputs, new_batch_stats)",
+            stacklevel=4,
+        )
+        return model, args[0], args[1]
     want = 1 if kind == "nnx" else 2
     if len(args) != want or (kind == "functional" and call_kwargs):
         usage = {
-            "functional": "check_batch_independence(apply_fn, variables, batch)",
+            "functional": "check_batch_independence(apply_fn, params, batch_stats, batch)",
             "linen": "check_batch_independence(module, variables, batch, train=False)",
             "nnx": "check_batch_independence(model, batch)",
         }[kind]
         raise ValueError(f"check_batch_independence: a {kind} model is checked as {usage}.")
-    if kind == "functional":
-        return model, args[0], args[1]
     if kind == "linen":
         kwargs = call_kwargs or {"train": False}
         return (lambda v, b: model.apply(v, b, **kwargs)), args[0], args[1]
