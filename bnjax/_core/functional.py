@@ -580,8 +580,32 @@ def _normalize_extended(
             params["bias"] = bias
     if renorm is None:
         return moments_of(x, params)
-    # Pass 1: the batch moments for r and d only (no gradient, no y kept).
-    _, m0 = moments_of(jax.lax.stop_gradient(x), {})
+    # Pass 1: the batch moments for r and d only (no gradient, no y kept), computed as
+    # a training step computes them (shifted sums): not through the forward-only
+    # primal, whose plain sums would change r and d inside a training step.
+    m0 = _pass_one_moments(
+        jax.lax.stop_gradient(x), mask, axis, axis_name, axis_index_groups, virtual_batch_size
+    )
     base, extra = _renorm.split_stats(batch_stats)
     r, d = _renorm.correction(m0, extra, base["num_batches_tracked"], renorm, eps)
     return moments_of(x, _renorm.corrected_params(weight, bias, r, d))
+
+
+def _pass_one_moments(
+    x: Array,
+    mask: Array | None,
+    axis: Any,
+    axis_name: Any,
+    axis_index_groups: Any,
+    virtual_batch_size: int | None,
+) -> _stats.Moments:
+    """Batch Renormalization's gradient-free batch moments (pooled over ghost batches)."""
+    axes = normalize_axes(axis, x.shape)
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in axes)
+    if virtual_batch_size is None:
+        return _stats.batch_moments(
+            x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+        )
+    xg, mg = _ghost.split(x, mask, virtual_batch_size)
+    gm = jax.vmap(lambda xi, mi: _stats.batch_moments(xi, reduce_axes, mask=mi))(xg, mg)
+    return _ghost.pool(gm, axis_name=axis_name, axis_index_groups=axis_index_groups)

@@ -12,6 +12,7 @@ kernel `(1, ..., 1, I, O)` (kind `"dense_conv1x1"`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -19,24 +20,28 @@ import numpy as np
 __all__ = ["KIND_DOC", "group_key", "pair_kind", "weight_to_flax", "weight_to_torch"]
 
 #: Flax leaf name of torch's `weight`, per Flax layer kind.
-WEIGHT_NAME = {
-    "dense": "kernel",
-    "conv": "kernel",
-    "conv_transpose": "kernel",
-    "embed": "embedding",
-    "norm": "scale",
-    "batchnorm": "weight",
-}
-KIND_DOC = {
-    "dense": "Linear <-> Dense",
-    "conv": "Conv <-> Conv",
-    "conv_transpose": "ConvTranspose <-> ConvTranspose",
-    "embed": "Embedding <-> Embed",
-    "norm": "LayerNorm/GroupNorm <-> LayerNorm/GroupNorm",
-    "batchnorm": "BatchNorm <-> bnjax BatchNorm",
-    "conv1x1_dense": "Conv 1x1 <-> Dense",
-    "dense_conv1x1": "Linear <-> Conv 1x1",
-}
+WEIGHT_NAME = MappingProxyType(
+    {
+        "dense": "kernel",
+        "conv": "kernel",
+        "conv_transpose": "kernel",
+        "embed": "embedding",
+        "norm": "scale",
+        "batchnorm": "weight",
+    }
+)
+KIND_DOC = MappingProxyType(
+    {
+        "dense": "Linear <-> Dense",
+        "conv": "Conv <-> Conv",
+        "conv_transpose": "ConvTranspose <-> ConvTranspose",
+        "embed": "Embedding <-> Embed",
+        "norm": "LayerNorm/GroupNorm <-> LayerNorm/GroupNorm",
+        "batchnorm": "BatchNorm <-> bnjax BatchNorm",
+        "conv1x1_dense": "Conv 1x1 <-> Dense",
+        "dense_conv1x1": "Linear <-> Conv 1x1",
+    }
+)
 
 
 def _unit_kernel(shape: tuple[int, ...]) -> bool:
