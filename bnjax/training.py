@@ -24,10 +24,10 @@ from bnjax._training.frozen import batchnorm_mask as batchnorm_mask
 from bnjax._training.frozen import freeze_batchnorm as freeze_batchnorm
 from bnjax._training.policies import StatsPolicy as StatsPolicy
 from bnjax._training.policies import corrected as corrected
+from bnjax._training.policies import corrected_momentum as corrected_momentum
 from bnjax._training.policies import full as full
 from bnjax._training.policies import micro as micro
 from bnjax._training.step import StepMetrics as StepMetrics
-from bnjax._training.step import corrected_momentum as corrected_momentum
 from bnjax._training.step import make_train_step as make_train_step
 from bnjax._training.step import split_micro_batches as split_micro_batches
 

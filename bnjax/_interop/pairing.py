@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -33,17 +32,6 @@ _AUTO_NAME = re.compile(r"^[A-Z]\w*_\d+$")
 _LAYERS_N = re.compile(r"^layers_(\d+)$")
 _INT32_MAX = np.iinfo(np.int32).max
 
-# Flax leaf name of torch's `weight`, per layer kind (`bias` and stats keep their names).
-_WEIGHT_NAME = MappingProxyType(
-    {
-        "dense": "kernel",
-        "conv": "kernel",
-        "conv_transpose": "kernel",
-        "embed": "embedding",
-        "norm": "scale",
-        "batchnorm": "weight",
-    }
-)
 # --------------------------------------------------------------------------- records
 
 
@@ -60,7 +48,7 @@ class FlaxLayer(NamedTuple):
 
     path: tuple[str, ...]  # module path without the collection, ("layer1", "0", "conv1")
     leaves: dict[str, tuple[tuple[Any, ...], Any]]  # Flax leaf -> (full key path, template)
-    kind: str  # one of _WEIGHT_NAME's keys
+    kind: str  # one of kinds.WEIGHT_NAME's keys
 
 
 class LayerMatch(NamedTuple):
@@ -351,7 +339,7 @@ def _flax_signature(layer: FlaxLayer) -> tuple[Any, ...]:
     """What the torch layer of a Flax layer looks like: torch leaf names, weight ndim."""
     torch_names, nd = [], None
     for name, (_, leaf) in layer.leaves.items():
-        if name == _WEIGHT_NAME[layer.kind]:
+        if name == K.WEIGHT_NAME[layer.kind]:
             torch_names.append("weight")
             nd = _ndim(leaf_value(leaf))
         else:
@@ -505,7 +493,7 @@ weight_to_torch = K.weight_to_torch
 
 
 def _weight_name(kind: str) -> str:
-    return _WEIGHT_NAME[{"conv1x1_dense": "dense", "dense_conv1x1": "conv"}.get(kind, kind)]
+    return K.WEIGHT_NAME[{"conv1x1_dense": "dense", "dense_conv1x1": "conv"}.get(kind, kind)]
 
 
 def flax_leaf_name(torch_leaf: str, kind: str) -> str:

@@ -16,29 +16,11 @@ from bnjax._core.extras import needs
 from bnjax._core.report import collect_reports
 from bnjax._model import tree
 from bnjax._training import policies as _policies
-from bnjax._training.frozen import batchnorm_mask as batchnorm_mask
-from bnjax._training.frozen import freeze_batchnorm as freeze_batchnorm
-from bnjax._training.policies import StatsPolicy as StatsPolicy
-from bnjax._training.policies import corrected as corrected
-from bnjax._training.policies import corrected_momentum as corrected_momentum
-from bnjax._training.policies import full as full
-from bnjax._training.policies import micro as micro
+from bnjax._training.policies import StatsPolicy
 
 with needs("bnjax.training", "optax"):
     import optax
 
-__all__ = [
-    "StatsPolicy",
-    "StepMetrics",
-    "batchnorm_mask",
-    "corrected",
-    "corrected_momentum",
-    "freeze_batchnorm",
-    "full",
-    "make_train_step",
-    "micro",
-    "split_micro_batches",
-]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, tuple[PyTree, ...]]]
