@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax._core import deprecation
-from bnjax._core.conventions import is_batch_stats as is_stats
 from bnjax._core.conventions import to_plain_dict
 from bnjax._core.report import BatchNormReport
 from bnjax._model.run import (
@@ -531,33 +530,32 @@ def _no_stats_message(who: str, tree: Any) -> str:
 
 def _reset(batch_stats: Any, *, var: float) -> Any:
     """A copy of the tree with every BatchNorm's statistics reset (as PyTorch does)."""
-    if not stats_at(batch_stats):
+    targets = stats_at(batch_stats)
+    if not targets:
         raise ValueError(_no_stats_message("update_bn", batch_stats))
-
-    def reset(node: Any) -> Any:
-        if not is_stats(node):
-            return node
-        return dict(
+    reset = {
+        path: dict(
             node,
             running_mean=jnp.zeros_like(node["running_mean"]),
             running_var=jnp.full_like(node["running_var"], var),
             num_batches_tracked=jnp.zeros_like(node["num_batches_tracked"]),
         )
-
-    return jax.tree_util.tree_map(reset, batch_stats, is_leaf=is_stats)
+        for path, node in targets.items()
+    }
+    return replace(batch_stats, reset)
 
 
 def _check_cumulative(step: Callable[..., Any], params: Any, batch: Any, fresh: Any) -> None:
     """From `num_batches_tracked = 0`, momentum=None gives weight 1 to the batch, so the
     result cannot depend on the statistics it starts from; any other momentum does."""
-    other = jax.tree_util.tree_map(
-        lambda node: (
-            dict(node, running_mean=node["running_mean"] + 1, running_var=node["running_var"] + 1)
-            if is_stats(node)
-            else node
-        ),
+    other = replace(
         fresh,
-        is_leaf=is_stats,
+        {
+            path: dict(
+                node, running_mean=node["running_mean"] + 1, running_var=node["running_var"] + 1
+            )
+            for path, node in stats_at(fresh).items()
+        },
     )
     a = step(params, fresh, batch)
     b = step(params, other, batch)
